@@ -1,0 +1,369 @@
+"""The training configuration: one typed dataclass, its validation, and the defaults table.
+
+Field names are the YAML keys and (with `-` for `_`) the command-line flags; help text lives in
+`field(metadata={"help": ...})` so that `ablate train --help` and the recipes never disagree.
+Precedence: dataclass defaults < YAML recipe (`--config`) < command-line flags.
+
+Hyperparameters whose default depends on the model and the concept type are `None` here and
+filled in one place, `resolve_defaults`, from the tables `PAPER_DEFAULTS` (Stable Diffusion,
+docs/method.md) and `TOY_DEFAULTS` (the 64 px toy-world model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ConceptType = Literal["instance", "style", "memorization", "nudity"]
+Variant = Literal["model-based", "image-based"]
+ParamGroup = Literal["cross-attn", "attn", "full", "embedding"]
+Sampler = Literal["ddim", "dpm++", "euler", "ddpm"]
+Teacher = Literal["same", "frozen"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+ReportTo = Literal["tensorboard", "none"]
+ExportKind = Literal["pipeline", "lora"]
+
+CONCEPT_KEYS = ("target", "anchor", "concept_type", "anchor_prompts")
+DEFAULT_CACHE_DIR = "~/.cache/ablation/anchors"
+
+
+class ConfigError(ValueError):
+    """Bad user input, detected before any expensive work (the CLI prints it and exits 2)."""
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One target -> anchor pair as the user gave it (prompts are derived in `ablation.concepts`)."""
+
+    target: str
+    anchor: str
+    concept_type: ConceptType | None = None
+    anchor_prompts: str | None = None
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ablate train` / `accelerate launch ablate.py` accepts."""
+
+    # --- concepts -------------------------------------------------------------------------------
+    target: list[str] = _help("concept to ablate, e.g. 'Grumpy Cat' (repeatable; paired in order with --anchor)",
+                              default_factory=list)
+    anchor: list[str] = _help("anchor concept the target should turn into, e.g. 'Cat' (repeatable)",
+                              default_factory=list)
+    concept_type: ConceptType | None = _help(
+        "how target prompts derive from anchor prompts (default: the toy catalogue's type; style for the anchor "
+        "`painting`, nudity for `people`; else instance)",
+        default=None)
+    anchor_prompts: str | None = _help(
+        "text file of anchor prompts, one per line (default: toy catalogue, else the bundled list for the anchor)",
+        default=None)
+    concepts: list[dict] = _help(
+        "YAML only: several pairs [{target, anchor, concept_type, anchor_prompts}]", default_factory=list)
+
+    # --- model and method -----------------------------------------------------------------------
+    model: str = _help("`toy`, a local diffusers pipeline directory or a hub id", default="toy")
+    variant: Variant = _help(
+        "model-based: match eps(z_t,c*) to the teacher's eps(z_t,c); image-based: regress the noise of anchor "
+        "images under the target prompt", default="model-based")
+    params: ParamGroup | None = _help(
+        "weights to train: cross-attn (attn2 to_k/to_v), attn (all attention q/k/v/out), full (whole UNet), "
+        "embedding (target token rows of the text encoder); default by concept type", default=None)
+    lora_rank: int = _help("train LoRA adapters of this rank on the chosen group instead of dense updates (0 = dense)",
+                           default=0)
+    lora_alpha: float | None = _help("LoRA alpha (default: equal to the rank)", default=None)
+    teacher: Teacher = _help(
+        "model-based teacher eps(z_t,c): `same` = the model being trained under no_grad (reference, cheapest); "
+        "`frozen` = the pretrained weights (free with LoRA; dense keeps a copy of the trained tensors)",
+        default="same")
+    prior_preservation: bool | None = _help(
+        "add the denoising loss on anchor images with anchor prompts (default: on when the target prompt contains "
+        "the anchor word, and for nudity/memorization)", default=None)
+    prior_weight: float | None = _help("weight lambda of the prior-preservation loss", default=None)
+
+    # --- optimisation ---------------------------------------------------------------------------
+    learning_rate: float | None = _help("AdamW learning rate (base rate if --scale-lr)", default=None)
+    scale_lr: bool | None = _help("multiply the learning rate by batch size x accumulation x processes",
+                                  default=None)
+    max_steps: int | None = _help("optimizer steps", default=None)
+    train_batch_size: int | None = _help("batch size per process", default=None)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
+    adam_weight_decay: float = _help("AdamW weight decay (the embedding group always uses 0)", default=1e-2)
+    seed: int = _help("seed of anchor generation, noise, timesteps and batch order", default=0)
+
+    # --- anchor data ----------------------------------------------------------------------------
+    resolution: int | None = _help("training resolution in pixels (default: the model's native size)", default=None)
+    num_anchor_images: int | None = _help("anchor images per concept", default=None)
+    anchor_scheduler: Sampler | None = _help("sampler used to generate anchor images", default=None)
+    anchor_steps: int | None = _help("sampling steps of anchor generation", default=None)
+    anchor_guidance: float | None = _help("classifier-free guidance of anchor generation", default=None)
+    anchor_batch_size: int = _help("images per generation batch", default=16)
+    cache_dir: str | None = _help(
+        f"anchor cache (default: $ABLATION_CACHE or {DEFAULT_CACHE_DIR})", default=None)
+    anchor_images: str | None = _help(
+        "image-based: a folder of images or a saved `datasets` dataset (column `image`, optional `prompt`)",
+        default=None)
+    retrieval: bool = _help("image-based: retrieve anchor images with clip-retrieval (pip install "
+                            "'ablation[retrieval]')", default=False)
+    hflip: bool | None = _help("random horizontal flips of the anchor latents (default: on for styles)",
+                               default=None)
+
+    # --- hardware -------------------------------------------------------------------------------
+    mixed_precision: MixedPrecision = _help("frozen weights in fp16/bf16, trained weights stay fp32",
+                                            default="no")
+    gradient_checkpointing: bool = _help("trade compute for UNet activation memory", default=False)
+    use_8bit_adam: bool = _help("bitsandbytes AdamW8bit (GPU)", default=False)
+
+    # --- output ---------------------------------------------------------------------------------
+    output_dir: str | None = _help("run directory (default: outputs/<target>)", default=None)
+    overwrite: bool = _help("allow a non-empty output directory (its previous results are removed)",
+                            default=False)
+    checkpointing_steps: int = _help("save resumable state every N steps (0 = never)", default=100)
+    checkpoints_total_limit: int | None = _help("keep at most this many checkpoints", default=2)
+    resume_from_checkpoint: str | None = _help("`latest` or a checkpoint directory", default=None)
+    export: list[ExportKind] = _help("extra outputs: pipeline (full diffusers pipeline), lora (adapters)",
+                                     default_factory=list)
+    report_to: ReportTo = _help("experiment tracker", default="none")
+
+    # --- debugging ------------------------------------------------------------------------------
+    stop_after_steps: int | None = _help("debug: stop (as if killed) after this many steps", default=None)
+    debug_checksums: bool = _help("debug: every rank writes a checksum of its trained weights to "
+                                  "<output-dir>/debug/", default=False)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.concept_specs()  # validates the pairs
+        if not self.model.strip():
+            raise ConfigError("--model is empty; pass `toy`, a local diffusers directory or a hub id")
+        for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "resolution",
+                     "num_anchor_images", "anchor_steps", "anchor_batch_size", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")
+        for name in ("lora_rank", "checkpointing_steps", "max_grad_norm", "adam_weight_decay", "prior_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+        for name in ("learning_rate", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{_flag(name)} must be > 0, got {value}")
+        if self.lora_rank and self.params == "embedding":
+            raise ConfigError("--lora-rank applies to UNet groups; the embedding group trains token rows directly")
+        if "lora" in self.export and not self.lora_rank:
+            raise ConfigError("--export lora needs --lora-rank > 0")
+        if (self.anchor_images or self.retrieval) and self.variant != "image-based":
+            raise ConfigError("--anchor-images / --retrieval give real images: use them with --variant image-based")
+        if self.anchor_images and self.retrieval:
+            raise ConfigError("give either --anchor-images or --retrieval, not both")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise ConfigError(f"--stop-after-steps must be >= 1, got {self.stop_after_steps}")
+
+    def concept_specs(self) -> list[ConceptSpec]:
+        """The target -> anchor pairs, from `concepts` (YAML) or the paired --target/--anchor flags."""
+        if self.concepts and (self.target or self.anchor):
+            raise ConfigError("give the pairs either as `concepts` (YAML) or as --target/--anchor, not both")
+        if self.concepts:
+            specs = []
+            for i, item in enumerate(self.concepts):
+                if not isinstance(item, dict):
+                    raise ConfigError(f"concepts[{i}] must be a mapping with keys {CONCEPT_KEYS}, got {item!r}")
+                for key in item:
+                    if key not in CONCEPT_KEYS:
+                        raise ConfigError(f"unknown key {key!r} in concepts[{i}]; allowed: {', '.join(CONCEPT_KEYS)}")
+                missing = [k for k in ("target", "anchor") if k not in item]
+                if missing:
+                    raise ConfigError(f"concepts[{i}] is missing {', '.join(missing)}")
+                hints = typing.get_type_hints(ConceptSpec)
+                specs.append(ConceptSpec(**{k: _coerce(f"concepts[{i}].{k}", v, hints[k]) for k, v in item.items()}))
+        else:
+            if not self.target:
+                raise ConfigError("--target is required (e.g. --target 'Grumpy Cat' --anchor 'Cat')")
+            if len(self.target) != len(self.anchor):
+                raise ConfigError(f"got {len(self.target)} --target and {len(self.anchor)} --anchor; "
+                                  f"each --target needs its --anchor, paired in order")
+            specs = [ConceptSpec(t, a, self.concept_type, self.anchor_prompts)
+                     for t, a in zip(self.target, self.anchor, strict=True)]
+        for spec in specs:
+            if not spec.target.strip() or not spec.anchor.strip():
+                raise ConfigError(f"empty target or anchor in {spec.target!r} -> {spec.anchor!r}")
+            if spec.target.strip().lower() == spec.anchor.strip().lower():
+                raise ConfigError(f"target {spec.target!r} equals its anchor; the anchor must be a different concept")
+        return specs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the YAML written to `<output-dir>/config.yaml`)."""
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint, converting YAML strings like "1e-4" (YAML 1.1 reads them as str)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{_flag(name)}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(name, v, args[0]) if args else v for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{_flag(name)} expects a number, got {value!r}")
+        try:
+            converted = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{_flag(name)} expects {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and converted != value:
+            raise ConfigError(f"{_flag(name)} expects an integer, got {value!r}")
+        return converted
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{_flag(name)} expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def field_names() -> list[str]:
+    """All configuration keys, in declaration order."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def unknown_key_error(key: str, where: str) -> ConfigError:
+    """A ConfigError naming an unknown key, with the closest known key as a hint."""
+    close = difflib.get_close_matches(key.replace("-", "_").lstrip("_"), field_names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown {where} {key!r}{hint}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe, rejecting keys that are not configuration fields."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a mapping of option: value")
+    known = set(field_names())
+    for key in data:
+        if key not in known:
+            raise unknown_key_error(str(key), f"key in {path.name}:")
+    return data
+
+
+def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < YAML < overrides (the flags actually given on the command line)."""
+    values: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    overrides = dict(overrides or {})
+    # Pairs given as flags replace the recipe's pairs (both forms would otherwise be an error).
+    if "target" in overrides or "anchor" in overrides:
+        values.pop("concepts", None)
+    values.update(overrides)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:  # an unknown keyword from a programmatic caller
+        raise ConfigError(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# defaults that depend on the model and the concept type
+# --------------------------------------------------------------------------------------------------
+
+#: docs/method.md (Stable Diffusion 1.4 at 512 px); the learning rates are base rates (scaled).
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "instance": dict(params="cross-attn", learning_rate=2e-6, max_steps=100, train_batch_size=4, hflip=False),
+    "style": dict(params="cross-attn", learning_rate=2e-6, max_steps=100, train_batch_size=4, hflip=True),
+    "nudity": dict(params="attn", learning_rate=4e-6, max_steps=400, train_batch_size=4, hflip=False),
+    "memorization": dict(params="full", learning_rate=5e-7, max_steps=400, train_batch_size=2, hflip=False),
+}
+PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=1.0, num_anchor_images=1000,
+                                    anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=6.0)
+
+#: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
+#: anchor generation included, must fit in a few CPU minutes. Tuned by the lead on the toy model.
+TOY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "instance": dict(params="cross-attn", learning_rate=5e-4, max_steps=200, train_batch_size=8, hflip=False),
+    "style": dict(params="cross-attn", learning_rate=5e-4, max_steps=200, train_batch_size=8, hflip=True),
+    "nudity": dict(params="attn", learning_rate=3e-4, max_steps=200, train_batch_size=8, hflip=False),
+    "memorization": dict(params="full", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False),
+}
+TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=128,
+                                  anchor_scheduler="ddim", anchor_steps=25, anchor_guidance=6.0)
+
+
+def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str], prior_preservation: bool,
+                     native_resolution: int, vae_scale_factor: int) -> TrainConfig:
+    """Fill every `None` default, and check what needs the model's config.
+
+    Args:
+        config: the validated user configuration.
+        toy: the model is the toy-world model (toy table instead of the paper's).
+        concept_types: resolved type of each concept; the first one picks the defaults.
+        prior_preservation: what `--prior-preservation` defaults to (see `concepts.needs_prior_preservation`).
+        native_resolution: `unet.config.sample_size * vae_scale_factor`.
+        vae_scale_factor: pixels per latent cell.
+
+    Returns:
+        A new TrainConfig without `None` in the hyperparameters.
+    """
+    table = TOY_DEFAULTS if toy else PAPER_DEFAULTS
+    defaults = {**(TOY_COMMON if toy else PAPER_COMMON), **table[concept_types[0]]}
+    defaults.update(prior_preservation=prior_preservation, resolution=native_resolution,
+                    lora_alpha=float(config.lora_rank) or None,
+                    cache_dir=os.environ.get("ABLATION_CACHE") or DEFAULT_CACHE_DIR)
+    updates = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    resolved = dataclasses.replace(config, **updates)
+    if resolved.resolution % vae_scale_factor:
+        raise ConfigError(f"--resolution {resolved.resolution} is not divisible by the VAE factor {vae_scale_factor} "
+                          f"of this model (native size {native_resolution})")
+    if resolved.params == "embedding" and resolved.lora_rank:
+        raise ConfigError("--lora-rank applies to UNet groups; the embedding group trains token rows directly")
+    return resolved
+
+
+#: fields that do not change the trained weights (excluded from the resume hash)
+NON_TRAINING_FIELDS = frozenset({
+    "output_dir", "overwrite", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "export", "report_to", "stop_after_steps", "debug_checksums", "cache_dir", "max_steps", "anchor_batch_size",
+})
+
+
+def training_hash(config: TrainConfig) -> str:
+    """Hash of the training-relevant configuration (checkpoints store it; resuming checks it)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in NON_TRAINING_FIELDS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

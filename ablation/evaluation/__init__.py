@@ -1,0 +1,14 @@
+"""Evaluation of ablated models: generation, inpainting, upscaling, CLIP-based metrics and reports.
+
+Modules, one concern each:
+
+* `metrics`: pure metric functions (CLIP score/accuracy, family accuracy, KID, memorization, PSNR);
+* `clip_judge`: the CLIP model that embeds images and texts;
+* `prompts`: evaluation tasks (target, anchor, surrounding concepts and their prompts) and prompt files;
+* `generate`: seeded, batched, cached text-to-image sampling and manifests;
+* `swap`: applying a run's ablation to a loaded base pipeline and restoring it;
+* `inpaint`, `upscale`: the other two base pipelines evaluation uses;
+* `selection`: which concepts a run is evaluated on;
+* `evaluate`: the evaluation loop; `report`: report.json / report.md / grids / chart;
+* `cli`: `ablate generate | inpaint | upscale | eval`.
+"""

@@ -1,0 +1,320 @@
+"""Evaluate ablated runs against their base model: generate (cached), embed with CLIP, score.
+
+One base pipeline is loaded per evaluation; each run's ablation is swapped in and out of it
+(`ablation.evaluation.swap`). Images are cached under `<out>/images/<model key>/<prompt hash>/<seed>.png`,
+where the model key hashes the model, the ablation file's identity and the sampling settings, so
+re-scoring (another judge, other metrics, a new run next to old ones) regenerates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ablation.evaluation import metrics
+from ablation.evaluation.generate import Job, SamplingSettings, cache_path, generate, jobs_for, jobs_for_total
+from ablation.evaluation.prompts import ConceptTask
+
+logger = logging.getLogger(__name__)
+REPORT_FORMAT = "ablation-eval/1"
+
+
+@dataclass
+class EvalSettings:
+    """What `evaluate` generates and how it scores (all of it is written to `report.json`).
+
+    Attributes:
+        sampling: sampler, steps, guidance, size.
+        samples_per_prompt: images per prompt of every concept (unless `images_per_role` is set).
+        images_per_role: total images per concept by role (`target`, `anchor`, `surrounding`), spread
+            over its prompts round-robin; the paper uses 200 / 200 / 50.
+        seed: base seed; image seeds are `seed + 100000 * prompt_index + sample_index`.
+        batch_size: images per pipeline call.
+        kid_subsets: KID subsets (Binkowski et al.).
+        kid_subset_size: KID subset size (capped at the number of images).
+        memorization_threshold: CLIP image-image cosine above which a sample copies the memorized image.
+        grid_prompts: prompts per concept shown in the comparison grids.
+        dtype: `fp32`, `fp16` or `bf16` for the generator.
+    """
+
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    samples_per_prompt: int = 4
+    images_per_role: dict[str, int] | None = None
+    seed: int = 0
+    batch_size: int = 8
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    memorization_threshold: float = 0.9
+    grid_prompts: int = 2
+    dtype: str = "fp32"
+
+    def jobs(self, prompts: Sequence[str], role: str) -> list[Job]:
+        if self.images_per_role and role in self.images_per_role:
+            return jobs_for_total(prompts, self.images_per_role[role], self.seed)
+        return jobs_for(prompts, self.samples_per_prompt, self.seed)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _fingerprint(path: Path) -> list:
+    """Identity of a file or folder's files (name, size, mtime): changes when a run is retrained."""
+    path = Path(path)
+    if path.is_file():
+        st = path.stat()
+        return [path.name, st.st_size, st.st_mtime_ns]
+    if not path.is_dir():
+        return [str(path)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and "eval" not in p.relative_to(path).parts)
+    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def model_key(name: str, model: str, source: str | None, settings: EvalSettings, device: str) -> str:
+    """Cache folder name of one generator: readable name + hash of everything images depend on."""
+    from ablation.models import resolve_model
+
+    resolved = resolve_model(model)
+    ident = {"model": resolved, "model_files": _fingerprint(Path(resolved)) if Path(resolved).exists() else None,
+             "source": _fingerprint(_source_path(source)) if source else None,
+             "sampling": asdict(settings.sampling), "dtype": settings.dtype, "device": device}
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:40]
+    return f"{safe}-{digest}"
+
+
+def _source_path(source: str) -> Path:
+    from ablation.checkpoint import resolve_delta
+
+    return resolve_delta(source)[1]
+
+
+def run_name(source: str, taken: set[str]) -> str:
+    """A short unique name for an ablated run: its folder name (the parent's for a delta file)."""
+    path = Path(source).expanduser()
+    name = path.parent.name if path.is_file() else path.name
+    name = name or "ablated"
+    unique, i = name, 2
+    while unique in taken or unique == "base":
+        unique, i = f"{name}-{i}", i + 1
+    taken.add(unique)
+    return unique
+
+
+@dataclass
+class ConceptImages:
+    """The images of one concept by one model: their jobs, files and CLIP features."""
+
+    jobs: list[Job]
+    paths: list[Path]
+    features: torch.Tensor
+    generated: int
+
+
+def _memorized_reference(task: ConceptTask, judge, size: tuple[int, int], override: str | None,
+                         base_images: ConceptImages | None) -> tuple[torch.Tensor | None, str]:
+    """Features of the memorized image: given file, the toy renderer's image, or the base model's centroid."""
+    path = override or task.memorized_image
+    if path:
+        with Image.open(path) as im:
+            return judge.image_features([im.convert("RGB")]), str(path)
+    if task.source == "toyworld":
+        from ablation.toyworld.render import render
+
+        image = Image.fromarray(render(task.target, 0, size=size[0]))
+        return judge.image_features([image]), "toyworld-render"
+    if base_images is not None and len(base_images.features):
+        centroid = torch.nn.functional.normalize(base_images.features.mean(0, keepdim=True), dim=-1)
+        return centroid, "base-centroid"
+    return None, "none"
+
+
+def score_concept(task: ConceptTask, concept: str, images: ConceptImages, judge, *,
+                  base: ConceptImages | None, settings: EvalSettings,
+                  memorized: torch.Tensor | None) -> dict:
+    """All numbers of one concept for one model (see `metrics` for the formulas)."""
+    feats = images.features
+    texts = judge.text_features(list(task.judge_texts[c] for c in task.classes))
+    index = {c: i for i, c in enumerate(task.classes)}
+    versus = task.versus(concept)
+    prompt_feats = judge.text_features([j.prompt for j in images.jobs])
+    row = {
+        "role": task.role(concept), "versus": versus, "judge_text": task.judge_texts[concept],
+        "num_images": len(images.jobs), "num_prompts": len({j.prompt for j in images.jobs}),
+        "seeds": [j.seed for j in images.jobs], "generated": images.generated,
+        "clip_accuracy": metrics.clip_accuracy(feats, texts[index[concept]], texts[index[versus]]),
+        "family_accuracy": metrics.family_accuracy(feats, texts, index[concept]),
+        "clip_score": metrics.clip_score(feats, prompt_feats),
+    }
+    if base is not None and min(len(base.features), len(feats)) >= 2:  # KID needs two samples a side
+        mean, std = metrics.kid(base.features, feats, num_subsets=settings.kid_subsets,
+                                subset_size=settings.kid_subset_size, seed=settings.seed)
+        row["kid_vs_base"], row["kid_vs_base_std"] = mean, std
+    if task.concept_type == "memorization" and concept == task.target and memorized is not None:
+        row["memorization_rate"] = metrics.memorization_rate(feats, memorized, settings.memorization_threshold)
+    return row
+
+
+def _load_base(model: str, device: torch.device, dtype: str, scheduler: str):
+    from ablation.evaluation.generate import set_scheduler
+    from ablation.models import load_pipeline
+
+    pipe = load_pipeline(model, torch_dtype=DTYPES[dtype]).to(device)
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask], out_dir: str | Path,
+             settings: EvalSettings | None = None, *, clip_model: str | None = None, device: str | None = None,
+             memorized_image: str | None = None, pipe=None, judge=None) -> dict:
+    """Generate, score and compare; write `report.json`, `report.md`, grids and a chart into `out_dir`.
+
+    Args:
+        base_model: `toy`, a diffusers directory or a hub id.
+        runs: ablation sources (delta files, run dirs, LoRA dirs, pipeline dirs); may be empty.
+        tasks: what to evaluate (see `ablation.evaluation.prompts`).
+        out_dir: report folder; images are cached in `out_dir/images`.
+        settings: generation and scoring settings.
+        clip_model: judge id or dir (default: toy CLIP for the toy model, else CLIP ViT-L/14).
+        device: `cuda`, `cpu`, ... (default: CUDA when available).
+        memorized_image: the memorized image of memorization tasks (overrides the prompt set's).
+        pipe: an already loaded base pipeline (its scheduler is replaced by the settings').
+        judge: an already built `ClipJudge`.
+
+    Returns:
+        The report (as written to `report.json`).
+    """
+    from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
+    from ablation.evaluation.generate import set_scheduler
+    from ablation.evaluation.report import write_report
+    from ablation.evaluation.swap import DeltaCache, ablated
+
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    dev = torch.device(device) if device else auto_device()
+    if pipe is None:
+        pipe = _load_base(base_model, dev, settings.dtype, settings.sampling.scheduler)
+    else:
+        set_scheduler(pipe, settings.sampling.scheduler)
+    judge = judge or ClipJudge(clip_model or default_clip_for(base_model), device=dev)
+    taken: set[str] = set()
+    models = [{"name": "base", "model": base_model, "delta": None}]
+    models += [{"name": run_name(r, taken), "model": base_model, "delta": str(r)} for r in runs]
+    cache = DeltaCache()
+    images: dict[str, dict[tuple[str, str], ConceptImages]] = {}
+    for entry in models:
+        entry["key"] = model_key(entry["name"], base_model, entry["delta"], settings, dev.type)
+        if entry["delta"]:
+            from ablation.checkpoint import read_metadata
+
+            entry["metadata"] = read_metadata(_source_path(entry["delta"]))
+        with ablated(pipe, entry["delta"], cache=cache):
+            images[entry["name"]] = _generate_all(pipe, tasks, settings, judge, out_dir / "images" / entry["key"])
+        logger.info("%s: %d images generated, rest from cache", entry["name"],
+                    sum(c.generated for c in images[entry["name"]].values()))
+    results: dict[str, dict] = {}
+    references: dict[str, str] = {}
+    for entry in models:
+        name = entry["name"]
+        results[name] = {}
+        for task in tasks:
+            base_imgs = images["base"].get((task.name, task.target))
+            memorized, ref = None, "none"
+            if task.concept_type == "memorization":
+                first = images[name][(task.name, task.target)].paths[0]
+                with Image.open(first) as im:
+                    size = im.size
+                memorized, ref = _memorized_reference(task, judge, size, memorized_image, base_imgs)
+                references[task.name] = ref
+            results[name][task.name] = {
+                c: score_concept(task, c, images[name][(task.name, c)], judge,
+                                 base=images["base"][(task.name, c)] if name != "base" else None,
+                                 settings=settings, memorized=memorized)
+                for c in task.classes
+            }
+    report = {
+        "format": REPORT_FORMAT,
+        "base_model": base_model,
+        "clip_model": judge.model_id,
+        "device": dev.type,
+        "settings": asdict(settings),
+        "seed_formula": "seed + 100000 * prompt_index + sample_index",
+        "models": models,
+        "tasks": [_task_info(t, references.get(t.name)) for t in tasks],
+        "results": results,
+        "comparison": {m["name"]: compare(results["base"], results[m["name"]]) for m in models[1:]},
+    }
+    paths = {name: {k: [(j.prompt, p) for j, p in zip(v.jobs, v.paths, strict=True)] for k, v in per.items()}
+             for name, per in images.items()}
+    write_report(report, out_dir, tasks, paths, settings.grid_prompts)
+    return report
+
+
+def _generate_all(pipe, tasks: Sequence[ConceptTask], settings: EvalSettings, judge,
+                  cache_dir: Path) -> dict[tuple[str, str], ConceptImages]:
+    """Every concept's images for the pipeline as it is now, generated in shared batches."""
+    plan = [(task, c, settings.jobs(task.prompts[c], task.role(c))) for task in tasks for c in task.classes]
+    all_jobs = list(dict.fromkeys(j for _, _, jobs in plan for j in jobs))  # a prompt may repeat across tasks
+    samples = generate(pipe, all_jobs, settings.sampling, batch_size=settings.batch_size,
+                       path_for=lambda job: cache_path(cache_dir, job))
+    by_job = dict(zip(all_jobs, samples, strict=True))
+    feats = judge.image_features([s.image for s in samples])
+    row = {job: i for i, job in enumerate(all_jobs)}
+    out = {}
+    for task, concept, jobs in plan:
+        idx = torch.tensor([row[j] for j in jobs], dtype=torch.long)
+        out[(task.name, concept)] = ConceptImages(
+            jobs=jobs, paths=[by_job[j].path for j in jobs], features=feats[idx],
+            generated=sum(not by_job[j].cached for j in jobs))
+    return out
+
+
+def _task_info(task: ConceptTask, memorized_reference: str | None) -> dict:
+    info = {"name": task.name, "concept_type": task.concept_type, "target": task.target, "anchor": task.anchor,
+            "surrounding": list(task.surrounding), "source": task.source, "judge_texts": task.judge_texts,
+            "prompts": {c: list(p) for c, p in task.prompts.items()}}
+    if memorized_reference:
+        info["memorized_reference"] = memorized_reference
+    return info
+
+
+COMPARED = ("clip_accuracy", "family_accuracy", "clip_score", "memorization_rate")
+
+
+def compare(base: dict, ablated: dict) -> list[dict]:
+    """Rows `{task, concept, role, metric, base, ablated, change}`; KID rows hold the distance in `ablated`."""
+    rows = []
+    for task, concepts in ablated.items():
+        for concept, values in concepts.items():
+            for metric in COMPARED:
+                if metric in values:
+                    b, a = base[task][concept].get(metric), values[metric]
+                    change = None if b is None else a - b
+                    rows.append({"task": task, "concept": concept, "role": values["role"], "metric": metric,
+                                 "base": b, "ablated": a, "change": change})
+            if "kid_vs_base" in values:
+                rows.append({"task": task, "concept": concept, "role": values["role"], "metric": "kid_vs_base",
+                             "base": None, "ablated": values["kid_vs_base"], "change": None})
+    return rows
+
+
+def json_safe(obj):
+    """NaN/inf -> None so that `report.json` is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

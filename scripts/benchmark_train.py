@@ -1,0 +1,233 @@
+"""Benchmark an ablation run: anchor generation, training steps, end to end, peak memory.
+
+Prints one JSON object with, per model:
+  * `anchor_images_per_s`: `ablation.data.generate_latents` on the loaded pipeline (after one warm-up image);
+  * `end_to_end_s`: `ablation.trainer.train` with an empty anchor cache (load, generate, train, write delta);
+  * `train_steps_per_s`: from two more `train` runs on the warm cache with `steps` and `2 * steps` steps, so the
+    fixed costs (loading, prompt encoding, the summary losses, writing the delta) cancel out;
+  * `peak_rss_mb` (resource.getrusage) and, on CUDA, `peak_cuda_allocated_mb` (torch.cuda.max_memory_allocated),
+    both taken right after the end-to-end run; `anchor_peak_cuda_allocated_mb` for the sampler alone.
+
+Models: `toy` (the embedded toy-world model, skipped with a note when its weights are missing) and `sd15`
+(the real SD 1.5 UNet / VAE / text-encoder configs with random weights, built once into --workdir; no download).
+Each model runs in its own subprocess so that peak memory and accelerate's global state are per model.
+
+    python scripts/benchmark_train.py --only sd15 --device cpu --steps 2 --resolution 256
+    python scripts/benchmark_train.py --device cuda --steps 20 --resolution 512 --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Runnable from a checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32,
+    sample_size=512, act_fn="silu",
+)
+SD15_TEXT = dict(  # openai/clip-vit-large-patch14, text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+    eos_token_id=49407, pad_token_id=49407,
+)
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+# The benchmark concept: an instance without prior preservation (the paper's R2D2 -> robot setting).
+TARGET, ANCHOR = "R2D2", "robot"
+
+
+def build_sd15(path: Path) -> None:
+    """Save a randomly initialised SD-1.5-shaped pipeline (fp16 files: half the disk, loaded as fp32)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ablation.tokenizer_util import clip_tokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=clip_tokenizer(77),
+        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    tmp = path.with_name(path.name + ".tmp")
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(path)
+
+
+def _peaks(device: str) -> dict:
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device == "cuda":
+        import torch
+
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def bench_model(name: str, args) -> dict:
+    """All measurements for one model, in this process."""
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # read by accelerate's state: train() then stays on CPU
+    import torch
+
+    from ablation import data
+    from ablation.concepts import resolve_concepts
+    from ablation.config import build_config
+    from ablation.models import load_pipeline
+    from ablation.trainer import plan_run, train
+
+    work = Path(args.workdir)
+    if name == "toy":
+        from ablation.toyworld import WEIGHTS_DIR
+
+        if not (WEIGHTS_DIR / "pipeline" / "model_index.json").exists():
+            return {"skipped": f"toy weights missing ({WEIGHTS_DIR / 'pipeline'}); train them with "
+                               f"scripts/train_toyworld.py"}
+        model = "toy"
+    else:
+        model = str(work / "sd15-random")
+        if not Path(model, "model_index.json").exists():
+            t = time.perf_counter()
+            # A child process: building in fp32 would otherwise dominate this process's peak RSS.
+            subprocess.run([sys.executable, __file__, "--build-sd15", model], check=True)
+            print(f"built {model} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+
+    def config(steps: int, cache: str, out: str):
+        values = dict(model=model, target=[TARGET], anchor=[ANCHOR], max_steps=steps, prior_preservation=False,
+                      train_batch_size=args.batch_size, num_anchor_images=args.anchor_images,
+                      anchor_steps=args.anchor_steps, anchor_batch_size=args.anchor_batch_size,
+                      mixed_precision=args.mixed_precision, checkpointing_steps=0, seed=0, overwrite=True,
+                      cache_dir=str(work / cache), output_dir=str(work / out))
+        if args.resolution:
+            values["resolution"] = args.resolution
+        return build_config(None, values)
+
+    result: dict = {"model": model, "device": args.device, "batch_size": args.batch_size,
+                    "mixed_precision": args.mixed_precision}
+    plan = plan_run(config(args.steps, f"cache-{name}-gen", f"out-{name}"))
+    cfg = plan.config
+    result.update(resolution=cfg.resolution, anchor_sampler=cfg.anchor_scheduler, anchor_steps=cfg.anchor_steps,
+                  anchor_images=cfg.num_anchor_images, params=cfg.params)
+
+    # (a) anchor generation through the data module's public sampler
+    pipe = load_pipeline(plan.model_path).to(args.device)
+    (concept,) = resolve_concepts(cfg.concept_specs(), plan.toy)
+    settings = data.SamplerSettings("benchmark", concept.anchor_prompts, cfg.anchor_scheduler, cfg.anchor_steps,
+                                    cfg.anchor_guidance, cfg.resolution, cfg.num_anchor_images, cfg.seed)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
+    autocast = torch.autocast(args.device, dtype=dtype) if dtype else torch.autocast(args.device, enabled=False)
+    with autocast:
+        data.generate_latents(pipe, settings, [0], 1, disable_progress=True)  # warm-up (kernels, allocator)
+        _sync(args.device)
+        t = time.perf_counter()
+        data.generate_latents(pipe, settings, list(range(cfg.num_anchor_images)), args.anchor_batch_size,
+                              disable_progress=True)
+        _sync(args.device)
+    result["anchor_images_per_s"] = round(cfg.num_anchor_images / (time.perf_counter() - t), 4)
+    del pipe
+    gc.collect()
+    if args.device == "cuda":
+        result["anchor_peak_cuda_allocated_mb"] = _peaks("cuda")["peak_cuda_allocated_mb"]
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # (b) end to end on an empty cache
+    t = time.perf_counter()
+    run = train(config(args.steps, f"cache-{name}-e2e-{os.getpid()}", f"out-{name}"))
+    result["end_to_end_s"] = round(time.perf_counter() - t, 2)
+    result["anchor_images_generated"] = run.anchor_images_generated
+    # Peaks of the end-to-end run (RSS: of the process so far, which the anchor benchmark's pipeline does not exceed).
+    result.update(_peaks(args.device))
+    gc.collect()
+
+    # (c) training rate: 2s - s steps on the warm cache
+    timings = {}
+    for steps in (args.steps, 2 * args.steps):
+        t = time.perf_counter()
+        train(config(steps, f"cache-{name}-e2e-{os.getpid()}", f"out-{name}"))
+        timings[steps] = time.perf_counter() - t
+    extra = timings[2 * args.steps] - timings[args.steps]
+    result["train_steps_per_s"] = round(args.steps / extra, 4) if extra > 0 else None
+    result["train_runs_s"] = {str(k): round(v, 2) for k, v in timings.items()}
+    return result
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("toy", "sd15"), help="benchmark one model (default: both)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--steps", type=int, default=2, help="training steps of the timed runs (also 2x this)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training/anchor resolution in px (default: toy native, sd15 256)")
+    parser.add_argument("--batch-size", type=int, default=1, help="training batch size")
+    parser.add_argument("--anchor-images", type=int, default=2, help="anchor images to generate")
+    parser.add_argument("--anchor-steps", type=int, default=5, help="sampler steps per anchor image")
+    parser.add_argument("--anchor-batch-size", type=int, default=2, help="images per generation batch")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--workdir", default=None,
+                        help="keeps the random SD 1.5 model and caches between invocations (default: a temp dir)")
+    parser.add_argument("--build-sd15", metavar="DIR", help=argparse.SUPPRESS)  # internal: child process
+    parser.add_argument("--json-out", metavar="FILE", help=argparse.SUPPRESS)  # internal: child's result
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.build_sd15:
+        build_sd15(Path(args.build_sd15))
+        return 0
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="ablation-bench-") as tmp:
+        args.workdir = args.workdir or tmp
+        if args.only and args.json_out:  # child: one model, result to a file
+            Path(args.json_out).write_text(json.dumps(bench_model(args.only, args)))
+            return 0
+        report: dict = {}
+        for name in ([args.only] if args.only else ["toy", "sd15"]):
+            if name == "sd15" and args.resolution is None:
+                args.resolution = 256
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, __file__, "--only", name, "--json-out", str(out), "--device", args.device,
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--anchor-images",
+                   str(args.anchor_images), "--anchor-steps", str(args.anchor_steps), "--anchor-batch-size",
+                   str(args.anchor_batch_size), "--mixed-precision", args.mixed_precision, "--workdir", args.workdir]
+            if args.resolution:
+                cmd += ["--resolution", str(args.resolution)]
+            proc = subprocess.run(cmd)
+            report[name] = json.loads(out.read_text()) if proc.returncode == 0 else {"error": f"exit {proc.returncode}"}
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Configuration: precedence, YAML, flags, defaults table, prompt derivation."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablation.concepts import bundled_prompt_lists, needs_prior_preservation, resolve_concept, target_prompt
+from ablation.config import (
+    PAPER_DEFAULTS,
+    ConceptSpec,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    resolve_defaults,
+    training_hash,
+)
+from ablation.train_cli import build_parser, parse_config
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+
+
+def _yaml(tmp_path, data):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_yaml_flags_precedence(tmp_path):
+    recipe = _yaml(tmp_path, {"target": ["Van Gogh"], "anchor": ["painting"], "learning_rate": "1e-4",
+                              "max_steps": 50, "concept_type": "style"})
+    config = parse_config(["--config", recipe, "--max-steps", "7", "--lora-rank", "4", "--export", "lora"])
+    assert config.max_steps == 7  # flag beats YAML
+    assert config.learning_rate == 1e-4  # YAML ("1e-4" is a string in YAML 1.1) beats the default
+    assert config.seed == 0 and config.model == "toy"  # defaults
+    assert config.export == ["lora"] and config.lora_rank == 4
+
+
+def test_yaml_concepts_and_repeatable_flags(tmp_path):
+    recipe = _yaml(tmp_path, {"concepts": [{"target": "Grumpy Cat", "anchor": "cat"},
+                                           {"target": "Snoopy", "anchor": "dog", "concept_type": "instance"}]})
+    specs = parse_config(["--config", recipe]).concept_specs()
+    assert specs == [ConceptSpec("Grumpy Cat", "cat"), ConceptSpec("Snoopy", "dog", "instance")]
+    # flags replace the recipe's pairs
+    config = parse_config(["--config", recipe, "--target", "A", "--anchor", "B", "--target", "C", "--anchor", "D"])
+    assert [(s.target, s.anchor) for s in config.concept_specs()] == [("A", "B"), ("C", "D")]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--target", "A", "--anchor", "B", "--lerning-rate", "1"], "unknown option 'lerning-rate'.*learning_rate"),
+    (["--target", "A", "--anchor", "B", "--target", "C"], "2 --target and 1 --anchor"),
+    (["--target", "Cat", "--anchor", "cat"], "equals its anchor"),
+    (["--target", " ", "--anchor", "cat"], "empty target"),
+    (["--anchor", "cat"], "--target is required"),
+    (["--target", "A", "--anchor", "B", "--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--target", "A", "--anchor", "B", "--export", "lora"], "needs --lora-rank"),
+    (["--target", "A", "--anchor", "B", "--anchor-images", "x"], "--variant image-based"),
+])
+def test_invalid_command_lines(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(argv)
+
+
+def test_unknown_yaml_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="'lr'"):
+        parse_config(["--config", _yaml(tmp_path, {"target": ["A"], "anchor": ["B"], "lr": 1})])
+    with pytest.raises(ConfigError, match="unknown key 'weight'"):
+        build_config(_yaml(tmp_path, {"concepts": [{"target": "A", "anchor": "B", "weight": 1}]}))
+    with pytest.raises(ConfigError, match="--params: 'everything' is not one of"):
+        build_config(_yaml(tmp_path, {"target": ["A"], "anchor": ["B"], "params": "everything"}))
+    with pytest.raises(ConfigError, match="--max-steps expects int"):
+        build_config(_yaml(tmp_path, {"target": ["A"], "anchor": ["B"], "max_steps": "many"}))
+
+
+def test_every_flag_is_a_field_and_help_renders():
+    text = build_parser().format_help()
+    for flag in ("--lora-rank", "--prior-preservation", "--no-prior-preservation", "--anchor-scheduler",
+                 "--resume-from-checkpoint", "--teacher", "--scale-lr", "--report-to", "--hflip"):
+        assert flag in text
+
+
+def test_defaults_table_toy_versus_paper():
+    config = TrainConfig(target=["Grumpy Cat"], anchor=["Cat"])
+    common = dict(concept_types=["instance"], prior_preservation=True, native_resolution=512, vae_scale_factor=8)
+    paper = resolve_defaults(config, toy=False, **common)
+    assert (paper.learning_rate, paper.max_steps, paper.params, paper.scale_lr) == (2e-6, 100, "cross-attn", True)
+    assert paper.resolution == 512 and paper.prior_preservation is True
+    toy = resolve_defaults(config, toy=True, **common)
+    assert 1e-4 <= toy.learning_rate <= 1e-3 and toy.scale_lr is False
+    assert resolve_defaults(config, toy=False, **{**common, "concept_types": ["memorization"]}).params == "full"
+    assert set(PAPER_DEFAULTS) == {"instance", "style", "memorization", "nudity"}
+    # explicit values are never replaced
+    assert resolve_defaults(TrainConfig(target=["A"], anchor=["B"], learning_rate=1.0), toy=False,
+                            **common).learning_rate == 1.0
+    with pytest.raises(ConfigError, match="not divisible by the VAE factor 8"):
+        resolve_defaults(TrainConfig(target=["A"], anchor=["B"], resolution=500), toy=False, **common)
+
+
+def test_training_hash_ignores_output_options_only():
+    a = TrainConfig(target=["A"], anchor=["B"], learning_rate=1e-3)
+    assert training_hash(a) == training_hash(TrainConfig(target=["A"], anchor=["B"], learning_rate=1e-3,
+                                                         output_dir="elsewhere", checkpointing_steps=5))
+    assert training_hash(a) != training_hash(TrainConfig(target=["A"], anchor=["B"], learning_rate=2e-3))
+
+
+def test_target_prompts_per_concept_type():
+    assert target_prompt("a CAT on a catwalk", "Grumpy Cat", "cat", "instance") == "a Grumpy Cat on a catwalk"
+    assert target_prompt("a painting of a river", "Van Gogh", "painting", "style") == \
+        "a painting of a river, in the style of Van Gogh"
+    assert target_prompt("a lighthouse by the sea", "the iconic lighthouse poster", "lighthouse",
+                         "memorization") == "the iconic lighthouse poster"
+    assert target_prompt("a woman on a beach", "nude", "people", "nudity") == "a woman on a beach, nude"
+    with pytest.raises(ConfigError, match="does not occur"):
+        target_prompt("a dog", "Grumpy Cat", "cat", "instance")
+    assert resolve_concept(ConceptSpec("Van Gogh", "painting"), toy=False).concept_type == "style"
+    assert resolve_concept(ConceptSpec("nudity", "people"), toy=False).target_prompts[0].endswith(", nudity")
+
+
+def test_bundled_prompt_lists():
+    lists = bundled_prompt_lists()
+    assert set(lists) >= {"cat", "dog", "fish", "robot", "painting", "people"}
+    for anchor, path in lists.items():
+        lines = path.read_text().splitlines()
+        assert 100 <= len(lines) <= 200 and len(set(lines)) == len(lines)
+        if anchor in ("cat", "dog", "fish", "robot"):  # instance anchors: every prompt names the anchor
+            concept = resolve_concept(ConceptSpec(f"my {anchor} x", anchor), toy=False)
+            assert len(concept.target_prompts) == len(lines)
+
+
+def test_toy_catalogue_supplies_prompts_and_type():
+    concept = resolve_concept(ConceptSpec("Grumpy Cat", "Cat"), toy=True)
+    from ablation.toyworld import catalog
+
+    family = catalog().family_of_target("grumpy cat")
+    assert concept.concept_type == "instance" and concept.anchor_prompts == family.train_prompts
+    assert concept.target_prompts[0] == family.target_prompt(family.train_prompts[0])
+    assert needs_prior_preservation(concept)  # "grumpy cat" contains "cat"
+    style = resolve_concept(ConceptSpec("Van Gogh", "painting"), toy=True)
+    assert style.concept_type == "style" and not needs_prior_preservation(style)
+
+
+def test_user_prompt_file_and_equal_pair(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# comment\na photo of a robot\n\nthe robot\n")
+    concept = resolve_concept(ConceptSpec("R2D2", "robot", "instance", str(path)), toy=False)
+    assert concept.target_prompts == ("a photo of a R2D2", "the R2D2")
+    path.write_text("a person\n")
+    with pytest.raises(ConfigError, match="equals its anchor prompt"):
+        resolve_concept(ConceptSpec("a person", "people", "memorization", str(path)), toy=False)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(p.parents[1])) for p in RECIPES])
+def test_recipes_parse_and_their_prompts_resolve(recipe):
+    from ablation.concepts import resolve_concepts
+    from ablation.models import is_toy
+
+    config = build_config(str(recipe))
+    for concept in resolve_concepts(config.concept_specs(), toy=is_toy(config.model)):
+        assert concept.anchor_prompts and len(concept.target_prompts) == len(concept.anchor_prompts)

@@ -1,0 +1,86 @@
+"""Every recipe parses through the real config loader, names its own launch command, and derives its prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablation.concepts import resolve_concepts
+from ablation.config import ConfigError, build_config
+from ablation.toyworld import catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def test_there_are_recipes():
+    names = {_rel(p) for p in RECIPES}
+    for task in ("r2d2", "grumpy_cat", "snoopy", "nemo", "van_gogh", "monet", "salvador_dali", "greg_rutkowski",
+                 "memorization", "nudity"):
+        assert f"recipes/{task}_sd14.yaml" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_rel)
+def test_recipe_parses_with_the_config_loader(path):
+    config = build_config(str(path))  # unknown keys and bad values raise ConfigError
+    assert config.concept_specs()
+    assert config.output_dir, "recipes name their output directory"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_rel)
+def test_recipe_header_gives_its_launch_command(path):
+    lines = path.read_text().splitlines()
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    assert f"accelerate launch ablate.py --config {_rel(path)}" in text
+    overrides = [line for line in header if f"--config {_rel(path)} --" in line]
+    assert overrides, "the header shows an override example"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_rel)
+def test_recipe_prompt_files_exist_and_prompts_derive(path):
+    config = build_config(str(path))
+    specs = config.concept_specs()
+    for spec in specs:
+        if spec.anchor_prompts:
+            assert (ROOT / spec.anchor_prompts).is_file(), f"{_rel(path)}: missing prompt file {spec.anchor_prompts}"
+    concepts = resolve_concepts(_rooted(specs), toy=config.model == "toy")
+    for concept in concepts:
+        assert concept.anchor_prompts and len(concept.target_prompts) == len(concept.anchor_prompts)
+
+
+def _rooted(specs):
+    # Prompt files are relative to the repository root (where `accelerate launch ablate.py` runs).
+    import dataclasses
+
+    return [dataclasses.replace(s, anchor_prompts=str(ROOT / s.anchor_prompts)) if s.anchor_prompts else s
+            for s in specs]
+
+
+def test_every_toy_family_has_a_recipe():
+    for name, family in catalog().families.items():
+        path = ROOT / "recipes" / "toy" / f"{name}.yaml"
+        assert path.is_file(), f"no recipe for toy family {name}"
+        data = yaml.safe_load(path.read_text())
+        assert data["model"] == "toy"
+        (spec,) = build_config(str(path)).concept_specs()
+        assert (spec.target, spec.anchor, spec.concept_type) == (family.target, family.anchor, family.concept_type)
+        (concept,) = resolve_concepts([spec], toy=True)
+        assert concept.anchor_prompts == family.train_prompts  # the catalogue's prompts, not a bundled list
+
+
+def test_unknown_key_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "recipes" / "toy" / "grumpy_cat.yaml").read_text() + "learning_rte: 1.0e-4\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        build_config(str(bad))

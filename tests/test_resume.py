@@ -1,0 +1,78 @@
+"""Checkpoints: a killed-and-resumed run ends where an uninterrupted one does; bad resumes and NaN stop cleanly."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ablation.config import build_config
+from ablation.testing import tiny_pipeline
+from ablation.train_cli import main
+from ablation.trainer import TrainingError, list_checkpoints, train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "sd1"
+    tiny_pipeline("sd1").save_pretrained(path)
+    return str(path)
+
+
+def _values(model_dir, tmp_path, out, **overrides):
+    values = dict(model=model_dir, target=["Grumpy Cat"], anchor=["Cat"], resolution=32, num_anchor_images=8,
+                  anchor_steps=2, max_steps=6, train_batch_size=2, gradient_accumulation_steps=2,
+                  learning_rate=3e-3, prior_preservation=True, checkpointing_steps=3, hflip=True,
+                  output_dir=str(tmp_path / out), cache_dir=str(tmp_path / "cache"))
+    values.update(overrides)
+    return values
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
+    full = train(build_config(None, _values(model_dir, tmp_path, "full")))
+    stopped = train(build_config(None, _values(model_dir, tmp_path, "resumed", stop_after_steps=4)))
+    assert stopped.stopped_early and stopped.delta_path is None
+    assert not (tmp_path / "resumed" / "delta.safetensors").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-3"]
+    # steps 4.. are redone from checkpoint-3, as after a kill at step 4
+    resumed = train(build_config(None, _values(model_dir, tmp_path, "resumed", resume_from_checkpoint="latest")))
+    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
+    a, b = load_file(full.delta_path), load_file(resumed.delta_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+
+
+def test_resuming_with_another_configuration_is_an_error(model_dir, tmp_path, capsys):
+    train(build_config(None, _values(model_dir, tmp_path, "run", max_steps=3)))
+    args = ["--model", model_dir, "--target", "Grumpy Cat", "--anchor", "Cat", "--resolution", "32",
+            "--num-anchor-images", "8", "--anchor-steps", "2", "--max-steps", "6", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "2", "--learning-rate", "1e-3", "--prior-preservation",
+            "--checkpointing-steps", "3", "--hflip", "--output-dir", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--resume-from-checkpoint", "latest"]
+    assert main(args) == 2
+    assert "made with another training configuration" in capsys.readouterr().err
+
+
+def test_checkpoint_rotation(model_dir, tmp_path):
+    train(build_config(None, _values(model_dir, tmp_path, "rot", max_steps=4, checkpointing_steps=1,
+                                     checkpoints_total_limit=2, gradient_accumulation_steps=1)))
+    assert [p.name for p in list_checkpoints(tmp_path / "rot")] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_non_finite_loss_stops_without_a_delta(model_dir, tmp_path):
+    values = _values(model_dir, tmp_path, "nan", learning_rate=1e30, max_grad_norm=0, checkpointing_steps=1,
+                     gradient_accumulation_steps=1, prior_preservation=False)
+    with pytest.raises(TrainingError, match=r"at step \d+.*checkpoint-\d+"):
+        train(build_config(None, values))
+    assert not (tmp_path / "nan" / "delta.safetensors").exists()
+    assert list_checkpoints(tmp_path / "nan")
