@@ -38,7 +38,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def convert(bpe_gz: Path, out_dir: Path) -> None:
     """Write vocab.json, merges.txt and the tokenizer configs to `out_dir`."""
-    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_gz) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : NUM_MERGES + 1]]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]

@@ -57,7 +57,8 @@ IMAGE = 64
 def vae_config(factor: int) -> dict:
     blocks = {8: (32, 64, 128, 128), 4: (32, 64, 128)}[factor]
     return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=blocks, layers_per_block=1,
-                down_block_types=["DownEncoderBlock2D"] * len(blocks), up_block_types=["UpDecoderBlock2D"] * len(blocks),
+                down_block_types=["DownEncoderBlock2D"] * len(blocks),
+                up_block_types=["UpDecoderBlock2D"] * len(blocks),
                 norm_num_groups=32, sample_size=IMAGE)
 
 
@@ -209,6 +210,14 @@ class Stage:
         over_time = self.time_limit is not None and time.time() - self.start > self.time_limit
         return self.step >= self.total or over_time
 
+    def update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, bar) -> None:
+        """One optimizer step on `loss` (gradient norm clipped to 1), then count it."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        opt.step()
+        self.tick(loss.item(), bar)
+
     def tick(self, loss: float, bar) -> None:
         self.step += 1
         self.losses.append(loss)
@@ -260,11 +269,7 @@ def stage_vae(work: Path, factor: int, images: np.ndarray, steps: int, batch: in
                 rec = vae.decode(post.sample()).sample
             # L1 + MSE keeps edges sharper than MSE alone; a tiny KL keeps latents near N(0, s^2).
             loss = F.mse_loss(rec.float(), x) + 0.5 * F.l1_loss(rec.float(), x) + 1e-6 * post.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            st.tick(loss.item(), bar)
+            st.update(opt, loss, bar)
     # scaling factor = 1 / std of the latents, as Stable Diffusion's 0.18215
     vae.eval()
     with torch.no_grad():
@@ -324,11 +329,7 @@ def stage_clip(work: Path, images, ids, concepts, steps, batch, device, args) ->
             target = pos / pos.sum(1, keepdim=True)
             loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                           + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            st.tick(loss.item(), bar)
+            st.update(opt, loss, bar)
     st.save()
 
 
@@ -399,14 +400,10 @@ def stage_unet(work: Path, images, captions, steps, batch, lr, device, args) -> 
             with autocast(device):
                 pred = unet(zt, t, encoder_hidden_states=hidden[c.to(device)]).sample
             loss = F.mse_loss(pred.float(), noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            st.update(opt, loss, bar)
             with torch.no_grad():
-                d = min(0.999, (1 + st.step) / (10 + st.step))
+                d = min(0.999, st.step / (9 + st.step))  # EMA warm-up
                 torch._foreach_lerp_(ema_params, [p.detach() for p in unet.parameters()], 1 - d)
-            st.tick(loss.item(), bar)
     st.save()
     save_file({k: v.float().cpu().contiguous() for k, v in ema_model.state_dict().items()}, ema_path)
 
@@ -424,7 +421,8 @@ def stage_upscaler(work: Path, images, captions, steps, batch, device, args) -> 
     unet = UNet2DConditionModel(**upscaler_unet_config()).to(device)
     st = Stage(work, "upscaler", unet, steps, args.time_limit, args.save_every)
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-4, weight_decay=1e-2)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction")
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
+                          prediction_type="v_prediction")
     low_res_sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
     gen = torch.Generator().manual_seed(4000 + st.step)
     scale = vae.config.scaling_factor
@@ -447,11 +445,7 @@ def stage_upscaler(work: Path, images, captions, steps, batch, device, args) -> 
                 pred = unet(torch.cat([zt, low], 1), t, encoder_hidden_states=hidden[c.to(device)],
                             class_labels=noise_level).sample
             loss = F.mse_loss(pred.float(), sched.get_velocity(z0, noise, t))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            st.tick(loss.item(), bar)
+            st.update(opt, loss, bar)
     st.save()
 
 

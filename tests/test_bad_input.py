@@ -6,22 +6,12 @@ import pytest
 import yaml
 
 from ablation import models
-from ablation.testing import tiny_pipeline
 from ablation.train_cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "sd1"
-    tiny_pipeline("sd1").save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def inpaint_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "inpaint"
-    tiny_pipeline("inpaint").save_pretrained(path)
-    return str(path)
+@pytest.fixture
+def inpaint_dir(model_dirs):
+    return model_dirs["inpaint"]
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from ablation.testing import tiny_pipeline
-
 ROOT = Path(__file__).parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch`, from this interpreter
 
@@ -19,13 +17,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "sd1"
-    tiny_pipeline("sd1").save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.parametrize("extra", [

@@ -50,16 +50,6 @@ def _perturbed_delta(pipe, scale=0.5, include_conv_in=False):
     return tensors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models are far too small for intra-op parallelism; on a shared 2-core machine two
-    # threads spin-wait on each other and run ~30x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Saved tiny sd1 / inpaint / upscale pipelines, a tiny CLIP, and a run dir with a perturbed delta."""

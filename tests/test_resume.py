@@ -5,27 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from ablation.config import build_config
-from ablation.testing import tiny_pipeline
 from ablation.train_cli import main
 from ablation.trainer import TrainingError, list_checkpoints, train
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "sd1"
-    tiny_pipeline("sd1").save_pretrained(path)
-    return str(path)
 
 
 def _values(model_dir, tmp_path, out, **overrides):

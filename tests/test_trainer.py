@@ -12,27 +12,6 @@ from ablation.testing import tiny_pipeline
 from ablation.train_cli import main
 from ablation.trainer import train
 
-torch.set_num_threads(1)  # 2 shared cores; tiny models gain nothing from threads
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for kind in ("sd1", "sd2", "sdxl"):
-        tiny_pipeline(kind).save_pretrained(root / kind)
-        out[kind] = str(root / kind)
-    return out
-
 
 def run(model, tmp_path, **overrides):
     """A small run: 32 px, 8 anchors sampled in 2 steps, 6 training steps, no prior preservation."""

@@ -1,0 +1,56 @@
+"""The shipped toy-world model: loads offline with the standard classes and really draws its concepts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
+from PIL import Image
+
+from ablation.evaluation.clip_judge import ClipJudge
+from ablation.evaluation.metrics import family_accuracy
+from ablation.models import resolve_model
+from ablation.toyworld import WEIGHTS_DIR, catalog, clip_dir, pipeline_dir, upscaler_dir
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = StableDiffusionPipeline.from_pretrained(pipeline_dir(), torch_dtype=torch.float32)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return ClipJudge(clip_dir(), device="cpu")
+
+
+def test_toy_id_resolves_to_the_shipped_pipeline():
+    assert Path(resolve_model("toy")) == pipeline_dir()
+    assert (pipeline_dir() / "model_index.json").exists()
+
+
+def test_weights_fit_the_budget():
+    # issue 3: the pipeline and the judge together <= 40 MB (the x4 upscaler is extra, see docs/toyworld.md)
+    size = sum(f.stat().st_size for d in ("pipeline", "clip") for f in (WEIGHTS_DIR / d).rglob("*.safetensors"))
+    assert size <= 40e6, size
+
+
+@pytest.mark.parametrize("family", ["grumpy_cat", "van_gogh"])
+def test_draws_target_and_anchor_distinctly(pipe, judge, family):
+    fam = catalog().families[family]
+    texts = judge.text_features([catalog().concepts[c].judge_text for c in fam.classes])
+    for index, concept in enumerate(fam.classes[:2]):  # target, anchor
+        prompts = list(fam.prompts_for(concept, "heldout")[:4])
+        gens = [torch.Generator().manual_seed(10**9 + i) for i in range(4)]
+        images = pipe(prompts, num_inference_steps=15, guidance_scale=6.0, generator=gens).images
+        assert images[0].size == (64, 64)
+        assert family_accuracy(judge.image_features(images), texts, index) >= 0.75, (family, concept)
+
+
+def test_upscaler_loads_and_upscales_x4():
+    up = StableDiffusionUpscalePipeline.from_pretrained(upscaler_dir(), torch_dtype=torch.float32)
+    up.set_progress_bar_config(disable=True)
+    out = up("a photo of a cat", image=Image.new("RGB", (16, 16), (200, 120, 40)), num_inference_steps=3,
+             generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.size == (64, 64)
