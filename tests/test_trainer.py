@@ -30,7 +30,9 @@ def _changed(before: dict, after: dict) -> set[str]:
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_model_based_run_reduces_loss_and_changes_only_cross_attention(kind, model_dirs, tmp_path):
     base = tiny_pipeline(kind).unet.state_dict()
-    result = run(model_dirs[kind], tmp_path)
+    # `same` teacher: with random tiny weights the frozen teacher's fixed-batch loss starts near 0 (~2e-5),
+    # so only the self-teacher gives a loss that training must visibly reduce.
+    result = run(model_dirs[kind], tmp_path, teacher="same")
     assert result.steps == 6 and len(result.losses) == 6
     assert result.final_loss < result.initial_loss
     changed = _changed(base, result.pipeline.unet.state_dict())
