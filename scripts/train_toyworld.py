@@ -337,7 +337,9 @@ def load_clip(work: Path, device):
     from transformers import CLIPModel
 
     model = CLIPModel(clip_config())
-    model.load_state_dict(load_file(work / "clip" / "model.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(work / "clip" / "model.safetensors"), strict=False)
+    if [k for k in missing if "position_ids" not in k] or unexpected:  # a silent partial load would be garbage
+        raise RuntimeError(f"toy CLIP checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device).eval()
 
 
@@ -408,7 +410,7 @@ def stage_unet(work: Path, images, captions, steps, batch, lr, device, args) -> 
     save_file({k: v.float().cpu().contiguous() for k, v in ema_model.state_dict().items()}, ema_path)
 
 
-def stage_upscaler(work: Path, images, captions, steps, batch, device, args) -> None:
+def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     vae = load_vae(work, 4, device)
@@ -420,7 +422,7 @@ def stage_upscaler(work: Path, images, captions, steps, batch, device, args) -> 
     del clip_model
     unet = UNet2DConditionModel(**upscaler_unet_config()).to(device)
     st = Stage(work, "upscaler", unet, steps, args.time_limit, args.save_every)
-    opt = torch.optim.AdamW(unet.parameters(), lr=3e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
                           prediction_type="v_prediction")
     low_res_sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
@@ -428,7 +430,7 @@ def stage_upscaler(work: Path, images, captions, steps, batch, device, args) -> 
     scale = vae.config.scaling_factor
     with tqdm(total=steps, initial=st.step, desc="upscaler") as bar:
         while not st.done():
-            cosine_lr(opt, 3e-4, st)
+            cosine_lr(opt, lr, st)
             idx = torch.randint(0, len(images), (batch,), generator=gen)
             x = to_tensor(images[idx.numpy()], device)
             with torch.no_grad():
@@ -452,6 +454,28 @@ def stage_upscaler(work: Path, images, captions, steps, batch, device, args) -> 
 # ------------------------------------------------------------------------------------------------
 # assembling the shipped folders (fp16 safetensors, standard layouts)
 # ------------------------------------------------------------------------------------------------
+
+
+#: StableDiffusionUpscalePipeline resets any other VAE scaling factor to this value (diffusers 0.42).
+UPSCALER_SCALING_FACTOR = 0.08333
+
+
+def fold_scaling_factor(vae, target: float):
+    """Give `vae` the scaling factor `target` without changing what the scaled latents mean.
+
+    The upscaler's UNet was trained on `z * s` (s = the trained factor) and the pipeline decodes
+    `latents / target`; scaling the latent space by c = target / s inside the VAE (encoder mean and
+    std divided by c, decoder input multiplied by c) makes both agree.
+    """
+    c = target / vae.config.scaling_factor
+    ch = vae.config.latent_channels
+    with torch.no_grad():
+        vae.post_quant_conv.weight.mul_(c)
+        vae.quant_conv.weight[:ch].div_(c)
+        vae.quant_conv.bias[:ch].div_(c)
+        vae.quant_conv.bias[ch:].sub_(2 * math.log(c))  # log-variance of z / c
+    vae.register_to_config(scaling_factor=target)
+    return vae
 
 
 def _atomic_dir(dest: Path, write) -> None:
@@ -494,7 +518,8 @@ def stage_assemble(work: Path, out: Path, use_ema: bool = True) -> None:
         up_unet = UNet2DConditionModel(**upscaler_unet_config())
         up_unet.load_state_dict(load_file(work / "upscaler" / "model.safetensors"))
         up = StableDiffusionUpscalePipeline(
-            vae=load_vae(work, 4, "cpu"), text_encoder=CLIPTextModel(clip_model.config.text_config), tokenizer=tok,
+            vae=fold_scaling_factor(load_vae(work, 4, "cpu"), UPSCALER_SCALING_FACTOR),
+            text_encoder=CLIPTextModel(clip_model.config.text_config), tokenizer=tok,
             unet=up_unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
                                                   prediction_type="v_prediction", clip_sample=False),
             low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
@@ -519,6 +544,25 @@ def stage_pack(work: Path, dest: Path) -> None:
     (dest / "progress.json").write_text(json.dumps(progress, indent=2))
 
 
+def stage_from_weights(weights: Path, work: Path) -> None:
+    """Rebuild the stage checkpoints from the shipped folders, to continue training them."""
+    sources = {"vae8": weights / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors",
+               "vae4": weights / "upscaler" / "vae" / "diffusion_pytorch_model.safetensors",
+               "clip": weights / "clip" / "model.safetensors",
+               "unet": weights / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors",
+               "upscaler": weights / "upscaler" / "unet" / "diffusion_pytorch_model.safetensors"}
+    for name, src in sources.items():
+        (work / name).mkdir(parents=True, exist_ok=True)
+        state = {k: v.float() for k, v in load_file(src).items()}
+        save_file(state, work / name / "model.safetensors")
+        if name == "unet":
+            save_file(state, work / name / "ema.safetensors")
+        info = {"step": 0, "from_weights": str(src)}
+        if name.startswith("vae"):
+            info["scaling_factor"] = json.loads((src.parent / "config.json").read_text())["scaling_factor"]
+        (work / name / "progress.json").write_text(json.dumps(info, indent=2))
+
+
 def stage_unpack(src: Path, work: Path) -> None:
     progress = json.loads((src / "progress.json").read_text())
     for name, info in progress.items():
@@ -536,7 +580,7 @@ def stage_unpack(src: Path, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="+", choices=["all", "data", "vae8", "vae4", "clip", "unet", "upscaler",
-                                                      "assemble", "pack", "unpack"])
+                                                      "assemble", "pack", "unpack", "from-weights"])
     parser.add_argument("--pack-dir", type=Path, default=None, help="for pack/unpack: the fp16 transfer folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--work", type=Path, default=ROOT / "work_toy", help="checkpoints and the rendered data")
@@ -549,9 +593,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
+    parser.add_argument("--lr-unet", type=float, default=None, help="override the preset (e.g. lower to continue)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
-    for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images"):
+    for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images", "lr_unet"):
         if getattr(args, field) is not None:
             setattr(preset, field, getattr(args, field))
     stages = ["data", "vae8", "vae4", "clip", "unet", "upscaler", "assemble"] if "all" in args.stages else args.stages
@@ -572,6 +617,8 @@ def main() -> None:
             stage_pack(args.work, args.pack_dir)
         elif stage == "unpack":
             stage_unpack(args.pack_dir, args.work)
+        elif stage == "from-weights":
+            stage_from_weights(args.out, args.work)
         elif stage == "assemble":
             stage_assemble(args.work, args.out)
         else:
@@ -586,7 +633,8 @@ def main() -> None:
                 stage_unet(args.work, images, captions, preset.unet_steps, preset.batch_unet, preset.lr_unet, device,
                            args)
             elif stage == "upscaler":
-                stage_upscaler(args.work, images, captions, preset.upscaler_steps, preset.batch_upscaler, device, args)
+                stage_upscaler(args.work, images, captions, preset.upscaler_steps, preset.batch_upscaler,
+                               preset.lr_unet, device, args)
         timings[stage] = round(time.time() - t0, 1)
         print(json.dumps({"stage": stage, "seconds": timings[stage], "device": str(device)}), flush=True)
     print(json.dumps({"timings": timings, "preset": args.preset, "device": str(device)}))
