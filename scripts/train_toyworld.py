@@ -478,10 +478,22 @@ def fold_scaling_factor(vae, target: float):
     return vae
 
 
+def _slim_tokenizer(folder: Path) -> None:
+    """Ship vocab.json + merges.txt (1.5 MB) instead of the 3.6 MB tokenizer.json transformers writes;
+    `CLIPTokenizer.from_pretrained` builds the same tokenizer from either."""
+    from ablation.tokenizer_util import TOKENIZER_DIR
+
+    (folder / "tokenizer.json").unlink()
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+        shutil.copy(TOKENIZER_DIR / name, folder / name)
+
+
 def _atomic_dir(dest: Path, write) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    for tokenizer_json in tmp.rglob("tokenizer.json"):
+        _slim_tokenizer(tokenizer_json.parent)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
 
