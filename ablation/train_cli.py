@@ -81,7 +81,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
     return build_config(yaml_path, overrides)
 
 
-def _summary(result) -> str:
+def _summary(result, model: str) -> str:
     lines = [f"ablation finished: {result.steps} steps, ablation loss on a fixed batch "
              f"{result.initial_loss:.4g} -> {result.final_loss:.4g}",
              f"  run directory: {result.output_dir}"]
@@ -90,7 +90,8 @@ def _summary(result) -> str:
     lines += [f"  export:        {path}" for path in result.exports]
     lines.append(f"  config:        {result.output_dir / 'config.yaml'}")
     if result.delta_path:
-        lines.append(f"load it: ablation.load_ablated_pipeline(<base model>, {str(result.output_dir)!r})")
+        lines.append(f"load it:  ablation.load_ablated_pipeline({model!r}, {str(result.output_dir)!r})")
+        lines.append(f"evaluate: ablate eval --ablated {result.output_dir}")
     return "\n".join(lines)
 
 
@@ -121,5 +122,5 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped after {result.steps} steps (--stop-after-steps); checkpoints in "
                   f"{result.output_dir / 'checkpoints'}")
         else:
-            print(_summary(result))
+            print(_summary(result, config.model))
     return 0
