@@ -495,6 +495,12 @@ def _atomic_dir(dest: Path, write) -> None:
     write(tmp)
     for tokenizer_json in tmp.rglob("tokenizer.json"):
         _slim_tokenizer(tokenizer_json.parent)
+    # Weights are stored in fp16 for size, but transformers 5 loads in the config's dtype by default:
+    # declare float32 so that a plain `from_pretrained` gives fp32 text encoders, like diffusers' models.
+    for config in tmp.rglob("config.json"):
+        data = json.loads(config.read_text())
+        if data.get("dtype") == "float16":
+            config.write_text(json.dumps({**data, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
 

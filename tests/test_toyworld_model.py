@@ -54,3 +54,13 @@ def test_upscaler_loads_and_upscales_x4():
     out = up("a photo of a cat", image=Image.new("RGB", (16, 16), (200, 120, 40)), num_inference_steps=3,
              generator=torch.Generator().manual_seed(0)).images[0]
     assert out.size == (64, 64)
+
+
+def test_plain_from_pretrained_gives_float32_everywhere():
+    # weights are stored in fp16; a load without a dtype must still give one dtype (the text encoder
+    # in fp16 beside an fp32 UNet fails at the first step on CPU)
+    from transformers import CLIPModel
+
+    plain = StableDiffusionPipeline.from_pretrained(pipeline_dir())
+    assert {m.dtype for m in (plain.unet, plain.vae, plain.text_encoder)} == {torch.float32}
+    assert CLIPModel.from_pretrained(clip_dir()).dtype == torch.float32
