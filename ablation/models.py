@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 TOY_MODEL_ID = "toy"
-ModelFamily = Literal["sd1", "sd2", "sdxl"]
 
 
 def is_toy(model: str) -> bool:
@@ -52,15 +50,6 @@ def resolve_model(model: str) -> str:
         raise FileNotFoundError(f"model path {model!r} does not exist; pass `toy`, an existing diffusers directory "
                                 f"or a hub id like `CompVis/stable-diffusion-v1-4`")
     return model
-
-
-def model_family(unet_config) -> ModelFamily:
-    """Tell SD 1.x, SD 2.x and SDXL apart from a UNet config (no weights needed)."""
-    if getattr(unet_config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    if getattr(unet_config, "use_linear_projection", False) or unet_config.cross_attention_dim in (1024,):
-        return "sd2"
-    return "sd1"
 
 
 def load_pipeline(model: str, torch_dtype=None, **kwargs):

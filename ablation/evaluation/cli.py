@@ -197,7 +197,7 @@ def upscale_main(argv: list[str]) -> int:
     from PIL import Image
 
     from ablation.evaluation.evaluate import DTYPES
-    from ablation.evaluation.upscale import load_upscaler, upscale, upscaler_psnr
+    from ablation.evaluation.upscale import load_upscaler, score_upscaled, upscale
 
     if len(args.prompt) not in (1, len(args.image)):
         return _fail(f"give one --prompt or one per --image ({len(args.image)})")
@@ -225,7 +225,7 @@ def upscale_main(argv: list[str]) -> int:
     manifest = {"model": args.model, "settings": {**kwargs, "scheduler": args.scheduler}, "images": rows}
     if args.reference:
         pairs = [(im, Image.open(ref).convert("RGB")) for im, ref in zip(images, args.reference, strict=True)]
-        score = upscaler_psnr(pipe, pairs, prompts, **kwargs)
+        score = score_upscaled(results, pairs)  # the images above: no second run of the upscaler
         manifest["psnr"] = {"upscaler": score.psnr_upscaler, "bicubic": score.psnr_bicubic, "gain": score.gain}
         logger.info("PSNR upscaler %.2f dB, bicubic %.2f dB", score.psnr_upscaler, score.psnr_bicubic)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

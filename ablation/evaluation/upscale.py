@@ -87,15 +87,13 @@ class UpscaleScore:
         return self.psnr_upscaler - self.psnr_bicubic
 
 
-def upscaler_psnr(pipe, pairs: Sequence[tuple[Image.Image, Image.Image]], prompts: Sequence[str] | str = "",
-                  **upscale_kwargs) -> UpscaleScore:
-    """PSNR of the upscaler and of bicubic interpolation on (low-res, high-res) pairs.
+def score_upscaled(upscaled: Sequence[Image.Image],
+                   pairs: Sequence[tuple[Image.Image, Image.Image]]) -> UpscaleScore:
+    """PSNR of already upscaled images and of bicubic interpolation against the high-resolution images.
 
     Args:
-        pipe: a `StableDiffusionUpscalePipeline`.
+        upscaled: the upscaler's output for each pair's low-resolution input.
         pairs: (low-resolution input, high-resolution ground truth at 4x its size).
-        prompts: one prompt per pair (e.g. the caption it was rendered from) or one for all.
-        **upscale_kwargs: passed to `upscale` (seed, steps, guidance, noise_level, batch_size).
 
     Raises:
         ValueError: a high-resolution image is not 4x its low-resolution input.
@@ -103,9 +101,24 @@ def upscaler_psnr(pipe, pairs: Sequence[tuple[Image.Image, Image.Image]], prompt
     for low, high in pairs:
         if high.size != (low.width * SCALE, low.height * SCALE):
             raise ValueError(f"high-res {high.size} is not {SCALE}x the low-res {low.size}")
-    ups = upscale(pipe, [low for low, _ in pairs], prompts, **upscale_kwargs)
     per = [(psnr(up.resize(high.size), high.convert("RGB")), psnr(bicubic(low), high.convert("RGB")))
-           for up, (low, high) in zip(ups, pairs, strict=True)]
+           for up, (low, high) in zip(upscaled, pairs, strict=True)]
     n = len(per)
     return UpscaleScore(psnr_upscaler=sum(p for p, _ in per) / n, psnr_bicubic=sum(b for _, b in per) / n,
                         num_pairs=n, per_image=per)
+
+
+def upscaler_psnr(pipe, pairs: Sequence[tuple[Image.Image, Image.Image]], prompts: Sequence[str] | str = "",
+                  **upscale_kwargs) -> UpscaleScore:
+    """Upscale each pair's low-resolution input, then `score_upscaled`.
+
+    Args:
+        pipe: a `StableDiffusionUpscalePipeline`.
+        pairs: (low-resolution input, high-resolution ground truth at 4x its size).
+        prompts: one prompt per pair (e.g. the caption it was rendered from) or one for all.
+        **upscale_kwargs: passed to `upscale` (seed, steps, guidance, noise_level, batch_size).
+    """
+    for low, high in pairs:  # fail before sampling
+        if high.size != (low.width * SCALE, low.height * SCALE):
+            raise ValueError(f"high-res {high.size} is not {SCALE}x the low-res {low.size}")
+    return score_upscaled(upscale(pipe, [low for low, _ in pairs], prompts, **upscale_kwargs), pairs)
