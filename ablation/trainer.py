@@ -273,7 +273,7 @@ class Objective:
         """sg[eps_theta(z_t, t, c)]: the model itself (`same`) or the pretrained weights (`frozen`)."""
         # The UNet is not trained in the embedding group, and anchor embeddings are computed once from
         # the original encoder, so there `same` and `frozen` are one and the same teacher.
-        if self.cfg.teacher == "same" or (not self.lora and self.teacher_params is None):
+        if self.cfg.teacher == "same" or self.train_text:
             return self.predict(self.base_unet, batch.noisy, batch.timesteps, batch.anchor_cond)
         if self.lora:  # adapters off = the pretrained model, at no memory cost
             self.base_unet.disable_adapters()
