@@ -116,10 +116,10 @@ class Preset:
 
 
 PRESETS = {
-    # 2 CPU cores, about 3.4 hours: measured s/step 0.52 (vae8), 0.58 (vae4), 1.3 (clip), 0.32 (unet),
-    # 0.16 (upscaler); the UNet sees about as many samples as in the shipped GPU run (docs/toyworld.md)
-    "cpu": Preset(num_images=60_000, vae8_steps=3_000, vae4_steps=1_000, clip_steps=2_500, unet_steps=18_000,
-                  upscaler_steps=4_000, batch_vae=16, batch_clip=128, batch_unet=64, batch_upscaler=16),
+    # 2 CPU cores, about 2 hours (measured end to end, docs/toyworld.md): s/step 0.52 (vae8), 0.58 (vae4),
+    # 1.3 (clip), 0.32 (unet), 0.16 (upscaler), plus rendering and encoding the latents
+    "cpu": Preset(num_images=60_000, vae8_steps=1_500, vae4_steps=600, clip_steps=1_200, unet_steps=10_000,
+                  upscaler_steps=1_500, batch_vae=16, batch_clip=128, batch_unet=64, batch_upscaler=16),
     # one GPU (the shipped weights: one H200, about 9 minutes)
     "gpu": Preset(num_images=150_000, vae8_steps=20_000, vae4_steps=20_000, clip_steps=20_000, unet_steps=40_000,
                   upscaler_steps=20_000, batch_vae=64, batch_clip=512, batch_unet=512, batch_upscaler=128,
@@ -363,7 +363,21 @@ def text_hidden(clip_model, ids: torch.Tensor, device, batch: int = 4096) -> tor
     return torch.cat(out)
 
 
-def stage_unet(work: Path, images, captions, steps, batch, lr, device, args) -> None:
+def sampling_weights(concepts: list[str], oversample: dict[str, float]) -> torch.Tensor | None:
+    """Per-image sampling weights that draw the named concepts `factor` times as often (None: uniform)."""
+    if not oversample:
+        return None
+    unknown = set(oversample) - set(concepts)
+    if unknown:
+        raise SystemExit(f"--oversample names concepts not in the data: {sorted(unknown)}")
+    names = np.array(concepts)
+    weights = np.ones(len(names))
+    for concept, factor in oversample.items():
+        weights[names == concept] *= factor
+    return torch.from_numpy(weights)
+
+
+def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device, args) -> None:
     from diffusers import UNet2DConditionModel
 
     vae = load_vae(work, 8, device)
@@ -389,10 +403,15 @@ def stage_unet(work: Path, images, captions, steps, batch, lr, device, args) -> 
     ema_model.load_state_dict(load_file(ema_path) if ema_path.exists() else unet.state_dict())
     ema_model.to(device)
     ema_params = [p.detach() for p in ema_model.parameters()]
+    # --oversample: a continuation that drills concepts the generator still confuses (docs/toyworld.md)
+    weights = sampling_weights(concepts, args.oversample)
     with tqdm(total=steps, initial=st.step, desc="unet") as bar:
         while not st.done():
             cosine_lr(opt, lr, st, warmup=500)
-            idx = torch.randint(0, len(images), (batch,), generator=gen)
+            if weights is None:
+                idx = torch.randint(0, len(images), (batch,), generator=gen)
+            else:
+                idx = torch.multinomial(weights, batch, replacement=True, generator=gen)
             z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device) * scale
             c = cap_idx[idx].clone()
             c[torch.rand(batch, generator=gen) < 0.1] = empty  # caption dropout for classifier-free guidance
@@ -613,7 +632,10 @@ def main() -> None:
     for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
     parser.add_argument("--lr-unet", type=float, default=None, help="override the preset (e.g. lower to continue)")
+    parser.add_argument("--oversample", default="",
+                        help="unet stage: draw these concepts more often, e.g. 'angelfish=4,nemo=2'")
     args = parser.parse_args()
+    args.oversample = {k: float(v) for k, v in (kv.split("=") for kv in args.oversample.split(",") if kv)}
     preset = PRESETS[args.preset]
     for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images", "lr_unet"):
         if getattr(args, field) is not None:
@@ -649,8 +671,8 @@ def main() -> None:
                 stage_clip(args.work, images, tokenize(captions), concepts, preset.clip_steps, preset.batch_clip,
                            device, args)
             elif stage == "unet":
-                stage_unet(args.work, images, captions, preset.unet_steps, preset.batch_unet, preset.lr_unet, device,
-                           args)
+                stage_unet(args.work, images, captions, concepts, preset.unet_steps, preset.batch_unet, preset.lr_unet,
+                           device, args)
             elif stage == "upscaler":
                 stage_upscaler(args.work, images, captions, preset.upscaler_steps, preset.batch_upscaler,
                                preset.lr_unet, device, args)
