@@ -40,5 +40,5 @@ def test_ablation_removes_target_and_keeps_neighbours(tmp_path, monkeypatch, tar
                 assert row["base"] >= 0.9 and row["ablated"] <= 0.10, row
             elif task == family:  # the anchor and the surrounding concepts (issue 4: within 0.05)
                 assert abs(row["change"]) <= 0.05, row
-            else:  # another family: 32 images a concept, one image is 0.031; measured up to 0.06 (dalmatian)
+            else:  # another family: 32 images a concept, one image is 0.031; measured up to 0.09 (dalmatian)
                 assert abs(row["change"]) <= 0.10, row
