@@ -116,10 +116,10 @@ class Preset:
 
 
 PRESETS = {
-    # 2 CPU cores, about 2 hours (measured end to end, docs/toyworld.md): s/step 0.52 (vae8), 0.58 (vae4),
-    # 1.3 (clip), 0.32 (unet), 0.16 (upscaler), plus rendering and encoding the latents
-    "cpu": Preset(num_images=60_000, vae8_steps=1_500, vae4_steps=600, clip_steps=1_200, unet_steps=10_000,
-                  upscaler_steps=1_500, batch_vae=16, batch_clip=128, batch_unet=64, batch_upscaler=16),
+    # 2 CPU cores, about 1.5 hours (measured end to end, docs/toyworld.md): s/step about 0.6 (vae8, vae4), 1.5
+    # (clip), 0.35 (unet), 0.19 (upscaler), plus rendering and encoding the latents
+    "cpu": Preset(num_images=60_000, vae8_steps=1_500, vae4_steps=600, clip_steps=1_000, unet_steps=7_000,
+                  upscaler_steps=1_000, batch_vae=16, batch_clip=128, batch_unet=64, batch_upscaler=16),
     # one GPU (the shipped weights: one H200, about 9 minutes)
     "gpu": Preset(num_images=150_000, vae8_steps=20_000, vae4_steps=20_000, clip_steps=20_000, unet_steps=40_000,
                   upscaler_steps=20_000, batch_vae=64, batch_clip=512, batch_unet=512, batch_upscaler=128,
