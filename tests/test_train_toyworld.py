@@ -1,0 +1,54 @@
+"""scripts/train_toyworld.py: the --oversample weights and a seconds-long continuation from the shipped weights."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_toyworld.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_toyworld", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_toyworld"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["train_toyworld"]
+
+
+def test_sampling_weights_oversample_named_concepts(script):
+    concepts = ["angelfish", "nemo", "cat", "cat", "angelfish", "fish"]
+    weights = script.sampling_weights(concepts, {"angelfish": 4, "nemo": 2})
+    assert weights.tolist() == [4.0, 2.0, 1.0, 1.0, 4.0, 1.0]
+    # angelfish is drawn 8/13 of the time instead of 2/6
+    draws = torch.multinomial(weights, 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    share = (torch.isin(draws, torch.tensor([0, 4]))).float().mean().item()
+    assert abs(share - 8 / 13) < 0.01
+    assert script.sampling_weights(concepts, {}) is None
+
+
+def test_sampling_weights_rejects_unknown_concept(script):
+    with pytest.raises(SystemExit, match="angelfsh"):
+        script.sampling_weights(["angelfish"], {"angelfsh": 4})
+
+
+def test_oversampled_continuation_from_shipped_weights(tmp_path):
+    work, pack = tmp_path / "work", tmp_path / "pack"
+    cmd = [sys.executable, str(SCRIPT), "from-weights", "data", "unet", "pack", "--preset", "smoke", "--workers", "1",
+           "--work", str(work), "--pack-dir", str(pack), "--oversample", "angelfish=4,tabby cat=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    progress = json.loads((pack / "progress.json").read_text())
+    assert progress["unet"]["step"] == 3  # the smoke preset's 3 steps, counted from the shipped weights
+    shipped = load_file(ROOT / "ablation/toyworld/weights/pipeline/unet/diffusion_pytorch_model.safetensors")
+    trained = load_file(pack / "unet.safetensors")
+    assert trained.keys() == shipped.keys()
+    assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # the EMA moved
