@@ -90,6 +90,14 @@ def main() -> None:
     dirs = {"pipeline": pipeline_dir(), "clip": clip_dir(), "upscaler": upscaler_dir()}
     if args.weights is not None:
         dirs = {name: args.weights / name for name in dirs}
+        needed = [name for name in dirs if not (name == "upscaler" and args.skip_upscaler)]
+        missing = [str(dirs[name]) for name in needed if not dirs[name].is_dir()]
+        if missing:
+            parser.error(f"--weights lacks {missing}; give the --out folder of scripts/train_toyworld.py assemble")
+    wanted = [f for f in args.families.split(",") if f]
+    if set(wanted) - set(judged_families()):
+        parser.error(f"--families: unknown {sorted(set(wanted) - set(judged_families()))}; "
+                     f"choose from {', '.join(judged_families())}")
     torch.manual_seed(0)
     from diffusers import StableDiffusionPipeline
 
@@ -99,7 +107,6 @@ def main() -> None:
     cat = catalog()
     result: dict = {"clip_renders": {}, "pipeline": {}, "memorization": {}, "samples_per_concept": args.samples}
 
-    wanted = [f for f in args.families.split(",") if f]
     for family, classes in judged_families().items():
         if wanted and family not in wanted:
             continue
@@ -156,12 +163,13 @@ def main() -> None:
 
     if wanted:  # a quick look is not a verdict on the thresholds
         result["partial"] = wanted
-    result["pass"] = {
-        "clip_renders_ge_0.95": all(v >= 0.95 for v in result["clip_renders"].values()),
-        "pipeline_ge_0.85": all(v >= 0.85 for v in result["pipeline"].values()),
-        "memorized_ge_0.6": all(m["memorized_rate"] >= 0.6 for m in result["memorization"].values()),
-        "paraphrase_le_0.1": all(m["paraphrase_rate"] <= 0.1 for m in result["memorization"].values()),
-    }
+    else:
+        result["pass"] = {
+            "clip_renders_ge_0.95": all(v >= 0.95 for v in result["clip_renders"].values()),
+            "pipeline_ge_0.85": all(v >= 0.85 for v in result["pipeline"].values()),
+            "memorized_ge_0.6": all(m["memorized_rate"] >= 0.6 for m in result["memorization"].values()),
+            "paraphrase_le_0.1": all(m["paraphrase_rate"] <= 0.1 for m in result["memorization"].values()),
+        }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -363,6 +363,25 @@ def text_hidden(clip_model, ids: torch.Tensor, device, batch: int = 4096) -> tor
     return torch.cat(out)
 
 
+def parse_oversample(text: str) -> dict[str, float]:
+    """'angelfish=4,nemo=2' -> {'angelfish': 4.0, 'nemo': 2.0}, checked against the catalogue before any work."""
+    from ablation.toyworld import catalog
+
+    out = {}
+    for item in (kv for kv in text.split(",") if kv):
+        name, sep, factor = item.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = 0.0
+        if not sep or value <= 0:
+            raise SystemExit(f"--oversample: {item!r} is not concept=factor with a factor > 0, e.g. 'angelfish=4'")
+        if name not in catalog().concepts:
+            raise SystemExit(f"--oversample: unknown concept {name!r}; known: {', '.join(sorted(catalog().concepts))}")
+        out[name] = value
+    return out
+
+
 def sampling_weights(concepts: list[str], oversample: dict[str, float]) -> torch.Tensor | None:
     """Per-image sampling weights that draw the named concepts `factor` times as often (None: uniform)."""
     if not oversample:
@@ -635,7 +654,7 @@ def main() -> None:
     parser.add_argument("--oversample", default="",
                         help="unet stage: draw these concepts more often, e.g. 'angelfish=4,nemo=2'")
     args = parser.parse_args()
-    args.oversample = {k: float(v) for k, v in (kv.split("=") for kv in args.oversample.split(",") if kv)}
+    args.oversample = parse_oversample(args.oversample)
     preset = PRESETS[args.preset]
     for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images", "lr_unet"):
         if getattr(args, field) is not None:

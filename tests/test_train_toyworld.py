@@ -40,6 +40,18 @@ def test_sampling_weights_rejects_unknown_concept(script):
         script.sampling_weights(["angelfish"], {"angelfsh": 4})
 
 
+@pytest.mark.parametrize(("text", "message"), [("angelfish", "concept=factor"), ("angelfish=0", "factor > 0"),
+                                                ("angelfish=x", "concept=factor"), ("angelfsh=4", "unknown concept")])
+def test_parse_oversample_rejects_bad_input_before_any_work(script, text, message):
+    with pytest.raises(SystemExit, match=message):
+        script.parse_oversample(text)
+
+
+def test_parse_oversample(script):
+    assert script.parse_oversample("angelfish=4,tabby cat=2.5") == {"angelfish": 4.0, "tabby cat": 2.5}
+    assert script.parse_oversample("") == {}
+
+
 def test_oversampled_continuation_from_shipped_weights(tmp_path):
     work, pack = tmp_path / "work", tmp_path / "pack"
     cmd = [sys.executable, str(SCRIPT), "from-weights", "data", "unet", "pack", "--preset", "smoke", "--workers", "1",

@@ -87,6 +87,12 @@ class UpscaleScore:
         return self.psnr_upscaler - self.psnr_bicubic
 
 
+def _check_pairs(pairs: Sequence[tuple[Image.Image, Image.Image]]) -> None:
+    for low, high in pairs:
+        if high.size != (low.width * SCALE, low.height * SCALE):
+            raise ValueError(f"high-res {high.size} is not {SCALE}x the low-res {low.size}")
+
+
 def score_upscaled(upscaled: Sequence[Image.Image],
                    pairs: Sequence[tuple[Image.Image, Image.Image]]) -> UpscaleScore:
     """PSNR of already upscaled images and of bicubic interpolation against the high-resolution images.
@@ -98,9 +104,7 @@ def score_upscaled(upscaled: Sequence[Image.Image],
     Raises:
         ValueError: a high-resolution image is not 4x its low-resolution input.
     """
-    for low, high in pairs:
-        if high.size != (low.width * SCALE, low.height * SCALE):
-            raise ValueError(f"high-res {high.size} is not {SCALE}x the low-res {low.size}")
+    _check_pairs(pairs)
     per = [(psnr(up.resize(high.size), high.convert("RGB")), psnr(bicubic(low), high.convert("RGB")))
            for up, (low, high) in zip(upscaled, pairs, strict=True)]
     n = len(per)
@@ -118,7 +122,5 @@ def upscaler_psnr(pipe, pairs: Sequence[tuple[Image.Image, Image.Image]], prompt
         prompts: one prompt per pair (e.g. the caption it was rendered from) or one for all.
         **upscale_kwargs: passed to `upscale` (seed, steps, guidance, noise_level, batch_size).
     """
-    for low, high in pairs:  # fail before sampling
-        if high.size != (low.width * SCALE, low.height * SCALE):
-            raise ValueError(f"high-res {high.size} is not {SCALE}x the low-res {low.size}")
+    _check_pairs(pairs)  # fail before sampling
     return score_upscaled(upscale(pipe, [low for low, _ in pairs], prompts, **upscale_kwargs), pairs)
