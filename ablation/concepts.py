@@ -33,6 +33,11 @@ class Concept:
     anchor_prompts: tuple[str, ...]
     target_prompts: tuple[str, ...]
     prompt_file: str | None = None  # the user's anchor-prompt file (absolute), if one was given
+    target_variants: tuple[tuple[str, ...], ...] = ()  # per anchor prompt: every template (empty: one each)
+
+    def variants(self) -> tuple[tuple[str, ...], ...]:
+        """Target-prompt templates per anchor prompt; training draws one uniformly per sample."""
+        return self.target_variants or tuple((t,) for t in self.target_prompts)
 
     def to_dict(self) -> dict:
         """The summary stored in the delta's metadata (the prompts themselves are not: they can be long)."""
@@ -78,6 +83,32 @@ def target_prompt(anchor_prompt: str, target: str, anchor: str, concept_type: st
     raise ConfigError(f"unknown concept type {concept_type!r}")
 
 
+def style_variants(anchor_prompt: str, target: str) -> tuple[str, str, str]:
+    """The reference's three style templates (`utils.py` `__getprompt__`: r in {0, 1, 2}, where 1 and 2 give the
+    same text), kept as three entries so that a uniform draw has the reference's 1/3 : 2/3 odds."""
+    target = target.strip()
+    possessive = f"in {target}'s style, {anchor_prompt}"
+    return f"{anchor_prompt}, in the style of {target}", possessive, possessive
+
+
+#: CLIP's BPE vocabulary is ordered by merge frequency: a whole-word token ("van</w>", id 2451) below this id
+#: is a word that many ordinary prompts use.
+COMMON_TOKEN_ID = 10000
+
+
+def common_words(tokenizer, token_ids: list[int]) -> list[str]:
+    """The trained tokens (embedding group) that are common whole words, whose rows every other prompt shares.
+
+    Training "Van Gogh" retrains the row of "van", so "a white van" changes too: the run warns about these.
+    """
+    words = []
+    for token_id in token_ids:
+        token = tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(token, str) and token.endswith("</w>") and token_id < COMMON_TOKEN_ID and len(token) > 5:
+            words.append(token[:-4])
+    return words
+
+
 def needs_prior_preservation(concept: Concept) -> bool:
     """The default of --prior-preservation: the anchor itself is at risk of being ablated too.
 
@@ -107,6 +138,7 @@ def resolve_concept(spec: ConceptSpec, toy: bool) -> Concept:
             anchor prompt.
     """
     family = _toy_family(spec) if toy and not spec.anchor_prompts else None
+    variants: tuple[tuple[str, ...], ...] = ()  # the toy catalogue's own template: the toy model knows only it
     default_type = family.concept_type if family else BUNDLED_TYPES.get(spec.anchor.strip().lower(), "instance")
     concept_type = spec.concept_type or default_type
     if family is not None and concept_type == family.concept_type:
@@ -123,11 +155,13 @@ def resolve_concept(spec: ConceptSpec, toy: bool) -> Concept:
                                   f"(bundled lists: {', '.join(lists)})")
             anchors = read_prompts(lists[key])
         targets = tuple(target_prompt(p, spec.target, spec.anchor, concept_type) for p in anchors)
+        if concept_type == "style":
+            variants = tuple(style_variants(p, spec.target) for p in anchors)
     for a, t in zip(anchors, targets, strict=True):
         if a.strip().lower() == t.strip().lower():
             raise ConfigError(f"target prompt equals its anchor prompt {a!r} ({spec.target!r} -> {spec.anchor!r})")
     prompt_file = str(Path(spec.anchor_prompts).expanduser().resolve()) if spec.anchor_prompts else None
-    return Concept(spec.target.strip(), spec.anchor.strip(), concept_type, anchors, targets, prompt_file)
+    return Concept(spec.target.strip(), spec.anchor.strip(), concept_type, anchors, targets, prompt_file, variants)
 
 
 def resolve_concepts(specs: list[ConceptSpec], toy: bool) -> list[Concept]:

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -32,6 +33,8 @@ ReportTo = Literal["tensorboard", "none"]
 ExportKind = Literal["pipeline", "lora"]
 
 CONCEPT_KEYS = ("target", "anchor", "concept_type", "anchor_prompts")
+#: the official code's names, accepted as aliases of this project's
+ALIASES = {"full-weight": "full", "noise-based": "image-based"}
 DEFAULT_CACHE_DIR = "~/.cache/ablation/anchors"
 
 
@@ -83,11 +86,11 @@ class TrainConfig:
     lora_rank: int = _help("train LoRA adapters of this rank on the chosen group instead of dense updates (0 = dense)",
                            default=0)
     lora_alpha: float | None = _help("LoRA alpha (default: equal to the rank)", default=None)
-    teacher: Teacher = _help(
-        "model-based teacher eps(z_t,c): `same` = the model being trained under no_grad (reference, cheapest); "
-        "`frozen` = the pretrained weights (free with LoRA; dense keeps a copy of the trained tensors). Frozen is "
-        "the default: on the toy model `same` let the anchor drift (cat family accuracy 1.00 -> 0.84 vs 0.94)",
-        default="frozen")
+    teacher: Teacher | None = _help(
+        "model-based teacher eps(z_t,c): `same` = the model being trained under no_grad (the paper's official code; "
+        "one set of weights); `frozen` = the pretrained weights (free with LoRA; dense keeps a copy of the trained "
+        "tensors). Default: `same` on real models (paper setting), `frozen` on the toy model, where `same` let the "
+        "anchor drift (docs/paper-parity.md)", default=None)
     prior_preservation: bool | None = _help(
         "add the denoising loss on anchor images with anchor prompts (default: on when the target prompt contains "
         "the anchor word, and for nudity/memorization)", default=None)
@@ -118,8 +121,12 @@ class TrainConfig:
         default=None)
     retrieval: bool = _help("image-based: retrieve anchor images with clip-retrieval (pip install "
                             "'ablation[retrieval]')", default=False)
-    hflip: bool | None = _help("random horizontal flips of the anchor latents (default: on for styles)",
+    hflip: bool | None = _help("random horizontal flips of the anchor latents (default: on, as the official commands)",
                                default=None)
+    augment: bool | None = _help(
+        "the official resize augmentation: anchors rescaled to a random size and placed in a grey canvas (or "
+        "cropped when enlarged), 'a far away'/'zoomed in' prompt prefixes, loss masked to the valid region; done on "
+        "the cached latents (default: on for instances and memorization, as the official code)", default=None)
 
     # --- hardware -------------------------------------------------------------------------------
     mixed_precision: MixedPrecision = _help("frozen weights in fp16/bf16, trained weights stay fp32",
@@ -159,6 +166,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+        for f in dataclasses.fields(self):  # nan/inf pass every comparison below and would fail after the anchors
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)} must be a finite number, got {value}")
         for name in ("learning_rate", "lora_alpha"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -224,6 +235,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(name, value, inner)
     if origin is Literal:
+        value = ALIASES.get(value, value) if isinstance(value, str) else value
         if value not in args:
             raise ConfigError(f"{_flag(name)}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
@@ -241,8 +253,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{_flag(name)} expects a number, got {value!r}")
         try:
             converted = hint(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{_flag(name)} expects {hint.__name__}, got {value!r}") from None
+        if hint is float and not math.isfinite(converted):
+            raise ConfigError(f"{_flag(name)} must be a finite number, got {value!r}")
         if hint is int and isinstance(value, float) and converted != value:
             raise ConfigError(f"{_flag(name)} expects an integer, got {value!r}")
         return converted
@@ -262,10 +276,19 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def unknown_key_error(key: str, where: str) -> ConfigError:
-    """A ConfigError naming an unknown key, with the closest known key as a hint."""
+def unknown_key_error(key: str, where: str, as_flag: bool = False) -> ConfigError:
+    """A ConfigError naming an unknown key, with the closest known key as a hint.
+
+    Args:
+        key: the unknown key as the user spelled it.
+        where: what it is, e.g. "option" or "key in recipe.yaml:".
+        as_flag: suggest the command-line spelling (`--max-steps`) instead of the YAML key (`'max_steps'`).
+    """
     close = difflib.get_close_matches(key.replace("-", "_").lstrip("_"), field_names(), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    if as_flag:
+        hint = f"; did you mean {_flag(close[0])}?" if close else ""
+    else:
+        hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown {where} {key!r}{hint}")
 
 
@@ -276,14 +299,46 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must contain a mapping of option: value")
     known = set(field_names())
     for key in data:
         if key not in known:
             raise unknown_key_error(str(key), f"key in {path.name}:")
+    return _relative_to_recipe(data, path.parent)
+
+
+#: recipe keys that name input files; a relative path in a recipe is relative to the recipe file
+RECIPE_PATH_KEYS = ("anchor_prompts", "anchor_images")
+
+
+def _relative_to_recipe(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve the recipe's relative input paths against its own folder, so it runs from any directory.
+
+    Output locations (`output_dir`, `cache_dir`) stay relative to where the run is launched.
+    """
+
+    def fix(mapping: dict[str, Any]) -> dict[str, Any]:
+        out = dict(mapping)
+        for key in RECIPE_PATH_KEYS:
+            value = out.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                out[key] = str(base / value)
+        return out
+
+    data = fix(data)
+    if isinstance(data.get("concepts"), list):
+        data["concepts"] = [fix(c) if isinstance(c, dict) else c for c in data["concepts"]]
     return data
 
 
@@ -305,32 +360,53 @@ def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None 
 # defaults that depend on the model and the concept type
 # --------------------------------------------------------------------------------------------------
 
-#: docs/method.md (Stable Diffusion 1.4 at 512 px); the learning rates are base rates (scaled).
+#: docs/method.md and the official commands (concept-ablation `diffusers/README.md`: every task passes --hflip,
+#: styles also --noaug), Stable Diffusion 1.4 at 512 px; the learning rates are base rates (scaled, and doubled
+#: with prior preservation as the official `train.py` does). docs/paper-parity.md lists every option.
 PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "instance": dict(params="cross-attn", learning_rate=2e-6, max_steps=100, train_batch_size=4, hflip=False),
-    "style": dict(params="cross-attn", learning_rate=2e-6, max_steps=100, train_batch_size=4, hflip=True),
-    "nudity": dict(params="attn", learning_rate=4e-6, max_steps=400, train_batch_size=4, hflip=False),
-    "memorization": dict(params="full", learning_rate=5e-7, max_steps=400, train_batch_size=2, hflip=False),
+    "instance": dict(params="cross-attn", learning_rate=2e-6, max_steps=100, train_batch_size=4, hflip=True,
+                     augment=True),
+    "style": dict(params="cross-attn", learning_rate=2e-6, max_steps=100, train_batch_size=4, hflip=True,
+                  augment=False),
+    "nudity": dict(params="attn", learning_rate=4e-6, max_steps=400, train_batch_size=4, hflip=True, augment=True),
+    "memorization": dict(params="full", learning_rate=5e-7, max_steps=400, train_batch_size=2, hflip=True,
+                         augment=True),
 }
-PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=1.0, num_anchor_images=1000,
+#: prior_weight 0.25: the official masked loss divides by mask *cells* (one channel) while the prior term is a
+#: per-element mean, so its ablation term weighs 4x (4 latent channels); under Adam, which ignores a common
+#: scale of the loss, lambda 1 there equals lambda 0.25 with this project's per-element means.
+PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor_images=1000, teacher="same",
                                     anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=6.0)
 
 #: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
-#: anchor generation included, must fit in a few CPU minutes. Tuned on the toy model (docs/toyworld.md):
-#: grumpy cat with the frozen teacher, lr 7e-5 to 5e-4 all remove the target (CLIP accuracy 0.00). On the
-#: weights shipped since 2026-11-26, 2e-4 costs the anchor 0.06 (cat 1.00 -> 0.94) and 1e-4 costs 0.03 (lr 7e-5
-#: over 250 steps and prior weight 2 measured the same as 1e-4), so 1e-4. Styles: the toy text encoder is
-#: only 64 wide and every painter shares "in the style of", so cross-attn could not remove van gogh without hurting the
-#: other painters (lr 2e-4: van gogh 0.39; 1e-3: 0.14 but rutkowski 0.89), while the target's own token
-#: rows (`embedding`, lr 1e-2) give 0.00 and leave every other prompt exactly as it was.
+#: anchor generation included, must fit in a few CPU minutes. Tuned on the toy model (docs/toyworld.md and
+#: docs/paper-parity.md): the instance default was measured with the frozen teacher, which keeps the anchor
+#: (`same` let cat drift 1.00 -> 0.84). Styles: the toy text encoder is only 64 wide and every painter shares
+#: "in the style of", so cross-attn could not remove van gogh without hurting the other painters (lr 2e-4: van gogh
+#: 0.39; 1e-3: 0.14 but rutkowski 0.89), while the target's own token rows (`embedding`, lr 1e-2) give 0.00; those
+#: rows are shared with every prompt that uses the same words (e.g. "van"), which the run warns about.
 TOY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "instance": dict(params="cross-attn", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False),
-    "style": dict(params="embedding", learning_rate=1e-2, max_steps=200, train_batch_size=8, hflip=True),
-    "nudity": dict(params="attn", learning_rate=3e-4, max_steps=200, train_batch_size=8, hflip=False),
-    "memorization": dict(params="full", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False),
+    "instance": dict(params="cross-attn", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False,
+                     augment=False),
+    "style": dict(params="embedding", learning_rate=1e-2, max_steps=200, train_batch_size=8, hflip=True,
+                  augment=False),
+    "nudity": dict(params="attn", learning_rate=3e-4, max_steps=200, train_batch_size=8, hflip=False, augment=False),
+    "memorization": dict(params="full", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False,
+                         augment=False),
 }
-TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=128,
+TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=128, teacher="frozen",
                                   anchor_scheduler="ddim", anchor_steps=25, anchor_guidance=6.0)
+
+
+def learning_rate(config: TrainConfig, num_processes: int) -> float:
+    """The optimizer's rate: the base rate, scaled by the total batch with --scale-lr, and then doubled with prior
+    preservation, as the official `train.py` does (the prior half doubles the batch it scales by)."""
+    lr = config.learning_rate
+    if config.scale_lr:
+        lr *= config.train_batch_size * config.gradient_accumulation_steps * num_processes
+        if config.prior_preservation:
+            lr *= 2
+    return lr
 
 
 def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str], prior_preservation: bool,

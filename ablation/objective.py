@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ablation import losses
+from ablation import augment, losses
 from ablation.config import TrainConfig
 from ablation.data import PromptEmbeddings, encode_prompts, sdxl_time_ids
 from ablation.training_data import TrainingData
@@ -19,13 +19,20 @@ from ablation.training_data import TrainingData
 
 @dataclass
 class Batch:
-    """One micro-batch on the device."""
+    """One micro-batch on the device.
+
+    The ablation half: anchor latents under target prompts (`target_cond`), with the anchor prompts
+    (`anchor_cond`) for the teacher. With prior preservation, the prior half is drawn as the official code
+    draws it: *other* anchor latents, with their own flips, noise and timesteps, under their anchor prompts.
+    """
 
     noisy: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor  # regression target (eps or v) of the clean latents
     anchor_cond: PromptEmbeddings
     target_cond: PromptEmbeddings
+    mask: torch.Tensor | None = None  # [B, 1, h, w] loss mask of the resize augmentation
+    prior: Batch | None = None  # the prior-preservation half (its anchor_cond is its own conditioning)
 
 
 def micro_step_seed(seed: int, micro_step: int, rank: int) -> int:
@@ -48,25 +55,48 @@ class Objective:
 
     def batch(self, micro_step: int, batch_size: int | None = None, seed_rank: int | None = None) -> Batch:
         """The micro-batch of a micro-step (a pure function of seed, step and rank)."""
-        bsz = batch_size or self.cfg.train_batch_size
+        cfg, data = self.cfg, self.data
+        bsz = batch_size or cfg.train_batch_size
         rank = self.rank if seed_rank is None else seed_rank
-        g = torch.Generator().manual_seed(micro_step_seed(self.cfg.seed, micro_step, rank))
+        g = torch.Generator().manual_seed(micro_step_seed(cfg.seed, micro_step, rank))
+        idx, latents = self._draw_latents(bsz, g)
+        rows = data.target_rows[idx, torch.randint(0, data.target_rows.shape[1], (bsz,), generator=g)]
+        mask = None
+        if cfg.augment:
+            vae_factor = cfg.resolution // latents.shape[-1]
+            aug = augment.augment_latents(latents, data.blank, cfg.resolution, vae_factor, g)
+            latents, mask = aug.latents, aug.mask.to(self.device)
+            column = augment.prefix_column(aug.zoom, aug.prefix)
+            prefixed_rows = data.prefix_rows[rows, column.clamp_min(0)]
+            rows = torch.where(column >= 0, prefixed_rows, rows)
+        noisy, t, target = self._noise(latents, g)
+        if self.train_text:  # the trained embedding rows must be in the graph: encode now
+            target_cond = encode_prompts(self.pipe, [data.prompts[i] for i in rows], self.device)
+        else:
+            target_cond = data.embeddings.select(rows)
+        prior = None
+        if cfg.prior_preservation:
+            p_idx, p_latents = self._draw_latents(bsz, g)
+            p_noisy, p_t, p_target = self._noise(p_latents, g)
+            prior_cond = data.embeddings.select(data.anchor_rows[p_idx])
+            prior = Batch(p_noisy, p_t, p_target, anchor_cond=prior_cond, target_cond=prior_cond)
+        return Batch(noisy=noisy, timesteps=t, target=target, anchor_cond=data.embeddings.select(data.anchor_rows[idx]),
+                     target_cond=target_cond, mask=mask, prior=prior)
+
+    def _draw_latents(self, bsz: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.data.latents), (bsz,), generator=g)
         latents = self.data.latents[idx]
         flips = torch.rand(bsz, generator=g) < 0.5
         if self.cfg.hflip:  # flipping latents ~ flipping images: the SD autoencoder is convolutional
             latents = torch.where(flips[:, None, None, None], latents.flip(-1), latents)
+        return idx, latents
+
+    def _noise(self, latents: torch.Tensor, g: torch.Generator):
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (bsz,), generator=g)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g)
         latents, noise, t = latents.to(self.device), noise.to(self.device), t.to(self.device)
-        target_rows = self.data.target_rows[idx]
-        if self.train_text:  # the trained embedding rows must be in the graph: encode now
-            target_cond = encode_prompts(self.pipe, [self.data.prompts[i] for i in target_rows], self.device)
-        else:
-            target_cond = self.data.embeddings.select(target_rows)
-        return Batch(noisy=self.scheduler.add_noise(latents, noise, t), timesteps=t,
-                     target=losses.regression_target(self.scheduler, latents, noise, t),
-                     anchor_cond=self.data.embeddings.select(self.data.anchor_rows[idx]), target_cond=target_cond)
+        target = losses.regression_target(self.scheduler, latents, noise, t)
+        return self.scheduler.add_noise(latents, noise, t), t, target
 
     def predict(self, unet, noisy, t, cond: PromptEmbeddings) -> torch.Tensor:
         """eps_theta(z_t, t, c) (or v) for a batch."""
@@ -97,26 +127,22 @@ class Objective:
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts (`ablation`, `prior`) for a micro-batch."""
         cfg = self.cfg
-        prior = bool(cfg.prior_preservation)
-        share_teacher = cfg.variant == "model-based" and cfg.teacher == "same" and prior
-        teacher = None
-        if cfg.variant == "model-based" and not share_teacher:
-            teacher = self.teacher(batch)
-        if prior:  # one forward for target and anchor halves
-            both = self.predict(self.unet, torch.cat([batch.noisy] * 2), torch.cat([batch.timesteps] * 2),
-                                _cat(batch.target_cond, batch.anchor_cond))
-            student, anchor_pred = both.chunk(2)
+        teacher = self.teacher(batch) if cfg.variant == "model-based" else None
+        prior = batch.prior
+        if prior is not None:  # one forward for the ablation and the prior halves, as the official code
+            both = self.predict(self.unet, torch.cat([batch.noisy, prior.noisy]), torch.cat([batch.timesteps,
+                                prior.timesteps]), _cat(batch.target_cond, prior.anchor_cond))
+            student, prior_pred = both.chunk(2)
         else:
-            student, anchor_pred = self.predict(self.unet, batch.noisy, batch.timesteps, batch.target_cond), None
+            student = self.predict(self.unet, batch.noisy, batch.timesteps, batch.target_cond)
         if cfg.variant == "model-based":
-            # teacher `same` with prior preservation: the anchor half *is* the teacher's forward (detached).
-            main = losses.model_based_loss(student, anchor_pred if share_teacher else teacher)
+            main = losses.model_based_loss(student, teacher, batch.mask)
         else:
-            main = losses.noise_based_loss(student, batch.target)
+            main = losses.noise_based_loss(student, batch.target, batch.mask)
         parts = {"ablation": float(main.detach())}
         total = main
-        if prior:
-            prior_loss = losses.prior_preservation_loss(anchor_pred, batch.target, cfg.prior_weight)
+        if prior is not None:
+            prior_loss = losses.prior_preservation_loss(prior_pred, prior.target, cfg.prior_weight)
             parts["prior"] = float(prior_loss.detach())
             total = total + prior_loss
         return total, parts

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ablation import losses
-from ablation.config import ConfigError, TrainConfig
+from ablation.concepts import common_words
+from ablation.config import ConfigError, TrainConfig, learning_rate
 from ablation.data import encode_prompts
 from ablation.io import atomic_write_text
 from ablation.objective import Objective
@@ -61,8 +62,18 @@ class TrainResult:
     pipeline: Any = None  # the trained pipeline (in memory; LoRA adapters unmerged)
 
 
+def _lock_output(plan: RunPlan):
+    """Main process: create the run directory and lock it for the whole run (`ablation.runlock`).
+
+    Returns the lock; it is released when the caller drops it (end of `train`) or the process dies.
+    """
+    from ablation.runlock import acquire
+
+    return acquire(plan.output_dir)
+
+
 def _prepare_output(plan: RunPlan) -> None:
-    """Main process: clear previous results (--overwrite), write the resolved config.yaml."""
+    """Main process, once every check has passed: clear previous results (--overwrite), write config.yaml."""
     import yaml
 
     out = plan.output_dir
@@ -113,8 +124,7 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes if cfg.scale_lr else 1
-    lr = cfg.learning_rate * scale
+    lr = learning_rate(cfg, accelerator.num_processes)
     optimizer = _make_optimizer(cfg, trainable.flat(), lr)
     if cfg.params == "embedding":  # the UNet is frozen: nothing for DDP to wrap; grads are averaged by hand
         optimizer = accelerator.prepare(optimizer)
@@ -163,8 +173,8 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
         raise ConfigError(f"--mixed-precision {cfg.mixed_precision} is not available on {accelerator.device.type}; "
                           f"use bf16 or no on CPU")
     accelerator.wait_for_everyone()  # every rank has checked the output directory before anybody writes to it
-    if accelerator.is_main_process:
-        _prepare_output(plan)
+    # Held (by this local) until train() returns; a second run into the same directory fails at once.
+    _run_lock = _lock_output(plan) if accelerator.is_main_process else None
     logger = get_logger(__name__)
     set_seed(cfg.seed)
     device = accelerator.device
@@ -177,6 +187,11 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
     token_ids = None
     if cfg.params == "embedding":
         token_ids = sorted({i for c in plan.concepts for i in target_token_ids(pipe.tokenizer, c.target, c.anchor)})
+        shared = common_words(pipe.tokenizer, token_ids)
+        if shared:
+            logger.warning("the embedding group retrains the token rows of %s: common words, so every prompt that uses "
+                           "them changes too (e.g. 'a white van' for 'Van Gogh'); use --params cross-attn to keep "
+                           "other prompts", ", ".join(repr(w) for w in shared))
     else:  # the prompt embeddings are fixed: the text encoders leave the device
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(pipe, name, None) is not None:
@@ -184,6 +199,8 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
     pipe.vae.to("cpu")  # every anchor is a latent by now
 
     unet, optimizer, trainable, objective, lr = _setup_training(cfg, pipe, data, token_ids, accelerator)
+    if accelerator.is_main_process:  # every check has passed: only now replace old results, write config.yaml
+        _prepare_output(plan)
 
     step = 0
     if plan.resume_dir is not None:
@@ -261,8 +278,8 @@ def _fixed_batch_loss(objective: Objective, accelerator) -> float:
         batch = objective.batch(-1, batch_size=min(8, len(objective.data.latents)), seed_rank=0)
         student = objective.predict(objective.base_unet, batch.noisy, batch.timesteps, batch.target_cond)
         if objective.cfg.variant == "model-based":
-            return float(losses.model_based_loss(student, objective.teacher(batch)))
-        return float(losses.noise_based_loss(student, batch.target))
+            return float(losses.model_based_loss(student, objective.teacher(batch), batch.mask))
+        return float(losses.noise_based_loss(student, batch.target, batch.mask))
 
 
 def _write_outputs(plan: RunPlan, pipe, trainable, token_ids, step: int, lr: float, checkpoint):
