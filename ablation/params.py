@@ -7,10 +7,26 @@
 * `embedding`: the token-embedding rows of the target's own tokens in the text encoder(s). The full
   matrix is a parameter but a gradient mask zeroes every other row, and it gets no weight decay, so
   AdamW leaves those rows bit-identical.
+
+MMDiT transformers (SD3/SD3.5 `SD3Transformer2DModel`, FLUX `FluxTransformer2DModel`; docs/mmdit.md) have
+no cross-attention: text and image tokens attend jointly, and the text tokens reach the image only through
+their own key/value projections in the joint attention. Groups there are selected by model class and
+module path, never by the name `attn2` (in SD3.5-medium `attn2` is a second *image* self-attention):
+
+* `cross-attn`: `transformer_blocks.*.attn.add_k_proj` / `add_v_proj` (FLUX: the double-stream blocks
+  only; its single-stream blocks share `to_k`/`to_v` between text and image tokens);
+* `text-kv+embedders`: `cross-attn` plus the text input layers `context_embedder` and the pooled-text
+  projection `time_text_embed.text_embedder`;
+* `attn`: every linear layer of every attention module (joint, dual and single-stream);
+* `full`: the whole transformer.
+
+Fused projections (`fuse_qkv_projections`: `to_qkv`, `to_added_qkv`) bypass the separate layers the
+groups name, so `setup_trainable` unfuses them first and `group_modules` refuses a fused model.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -21,10 +37,86 @@ from ablation.config import ConfigError
 CROSS_ATTN_SUFFIXES = ("attn2.to_k", "attn2.to_v")
 ATTN_SUFFIXES = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+MMDIT_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+MMDIT_GROUPS = ("cross-attn", "text-kv+embedders", "attn", "full")
+# The text stream's key/value projections in the joint attention of the (double-stream) blocks.
+_MMDIT_TEXT_KV = re.compile(r"^transformer_blocks\.\d+\.attn\.add_[kv]_proj$")
+_MMDIT_TEXT_INPUT = re.compile(r"^(context_embedder|time_text_embed\.text_embedder\.linear_[12])$")
+_FUSED = ("to_qkv", "to_kv", "to_added_qkv")
+
+
+def is_mmdit(model: nn.Module) -> bool:
+    """An SD3/SD3.5 or FLUX transformer (selected by class, not by module names)."""
+    return type(model).__name__ in MMDIT_CLASSES
+
+
+def denoiser_name(pipe) -> str:
+    """Component name of the pipeline's denoiser: `unet` or `transformer` (SD3, FLUX)."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
+def fused_modules(model: nn.Module) -> list[str]:
+    """Names of fused attention projections (`to_qkv`, `to_kv`, `to_added_qkv`) in the model."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in _FUSED]
+
+
+def unfuse_projections(model: nn.Module) -> None:
+    """Undo `fuse_qkv_projections`: restore the separate projections' processors and drop the fused copies.
+
+    The separate `to_q`/`add_k_proj`/... layers are kept by fusion (the fused layer is a copy), so after
+    this the model computes the same function through the layers the parameter groups name.
+    """
+    if getattr(model, "original_attn_processors", None) is not None and hasattr(model, "unfuse_qkv_projections"):
+        model.unfuse_qkv_projections()  # SD3/UNet: puts the unfused attention processors back
+    for module in model.modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        if hasattr(module, "unfuse_projections"):  # AttentionModuleMixin (FLUX)
+            module.unfuse_projections()
+        for attr in _FUSED:  # legacy `Attention` (SD3) keeps the fused layers after unfusing
+            if hasattr(module, attr):
+                delattr(module, attr)
+        module.fused_projections = False
+
+
+def _attention_linears(model: nn.Module) -> list[str]:
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, (Attention, AttentionModuleMixin)):
+            names += [f"{prefix}.{name}" for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    return names
+
+
+def _mmdit_group_modules(model: nn.Module, group: str) -> list[str]:
+    fused = fused_modules(model)
+    if fused:
+        raise ConfigError(f"{type(model).__name__} has fused attention projections ({fused[0]}, ...): they bypass "
+                          f"the layers of the parameter groups; call `ablation.params.unfuse_projections` first")
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if group == "cross-attn":
+        return [n for n in linears if _MMDIT_TEXT_KV.match(n)]
+    if group == "text-kv+embedders":
+        return [n for n in linears if _MMDIT_TEXT_KV.match(n) or _MMDIT_TEXT_INPUT.match(n)]
+    if group == "attn":
+        return _attention_linears(model)
+    if group == "full":
+        return linears
+    raise ConfigError(f"parameter group {group!r} has no {type(model).__name__} modules; choose one of "
+                      f"{', '.join(MMDIT_GROUPS)}")
 
 
 def group_modules(unet: nn.Module, group: str) -> list[str]:
-    """Names of the `nn.Linear` modules of a UNet group (the LoRA target modules)."""
+    """Names of the `nn.Linear` modules of a denoiser group (the LoRA target modules).
+
+    Args:
+        unet: a UNet, or an SD3/FLUX transformer (groups of `MMDIT_GROUPS`, chosen by model class).
+        group: the group name.
+    """
+    if is_mmdit(unet):
+        return _mmdit_group_modules(unet, group)
     if group == "cross-attn":
         suffixes = CROSS_ATTN_SUFFIXES
     elif group == "attn":
@@ -77,10 +169,11 @@ class Trainable:
     """What a run trains.
 
     Attributes:
-        param_names: component ("unet", "text_encoder", "text_encoder_2") -> names of the base parameters
-            that change (for `checkpoint.trained_tensors`; LoRA runs list the base weights the adapters merge into).
+        param_names: component ("unet" or "transformer", "text_encoder", "text_encoder_2") -> names of the base
+            parameters that change (for `checkpoint.trained_tensors`; LoRA runs list the base weights the
+            adapters merge into).
         parameters: component -> parameter name -> the tensors the optimizer updates (LoRA: the adapters).
-        lora: adapters were added to the UNet.
+        lora: adapters were added to the denoiser (UNet or transformer).
     """
 
     param_names: dict[str, list[str]]
@@ -106,8 +199,9 @@ def setup_trainable(pipe, group: str, lora_rank: int = 0, lora_alpha: float | No
     """Freeze the pipeline, then unfreeze (or add adapters to) exactly the group.
 
     Args:
-        pipe: a Stable Diffusion (XL) pipeline.
-        group: `cross-attn`, `attn`, `full` or `embedding`.
+        pipe: a Stable Diffusion (XL) pipeline, or an SD3 / FLUX pipeline (component `transformer`; fused
+            projections are unfused first; no `embedding` group there).
+        group: `cross-attn`, `attn`, `full` or `embedding` (MMDiT: see `MMDIT_GROUPS`).
         lora_rank: 0 for dense updates, else the LoRA rank.
         lora_alpha: LoRA alpha (default: the rank).
         token_ids: rows to train for the `embedding` group (see `target_token_ids`).
@@ -115,10 +209,17 @@ def setup_trainable(pipe, group: str, lora_rank: int = 0, lora_alpha: float | No
     Returns:
         The trained names and tensors; trained tensors are fp32.
     """
-    unet = pipe.unet
+    comp = denoiser_name(pipe)
+    unet = getattr(pipe, comp)
     encoders = {name: getattr(pipe, name) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None}
-    for module in (unet, *encoders.values()):
+    t5 = getattr(pipe, "text_encoder_3", None)  # SD3's T5
+    for module in (unet, *encoders.values(), *([t5] if t5 is not None else [])):
         module.requires_grad_(False)
+    if is_mmdit(unet):
+        if group == "embedding":
+            raise ConfigError(f"the embedding group is implemented for UNet models (SD1/SD2/SDXL), not "
+                              f"{type(unet).__name__}; choose one of {', '.join(MMDIT_GROUPS)}")
+        unfuse_projections(unet)
     if group == "embedding":
         if not token_ids:
             raise ConfigError("the embedding group needs the target's token ids")
@@ -139,9 +240,9 @@ def setup_trainable(pipe, group: str, lora_rank: int = 0, lora_alpha: float | No
         for p in lora_params.values():
             p.requires_grad_(True)
             p.data = p.data.float()
-        return Trainable(param_names={"unet": names}, parameters={"unet": lora_params}, lora=True)
+        return Trainable(param_names={comp: names}, parameters={comp: lora_params}, lora=True)
     params = dict(unet.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
         params[n].data = params[n].data.float()
-    return Trainable(param_names={"unet": names}, parameters={"unet": {n: params[n] for n in names}})
+    return Trainable(param_names={comp: names}, parameters={comp: {n: params[n] for n in names}})

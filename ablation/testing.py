@@ -117,3 +117,105 @@ def tiny_pipeline(kind: TinyKind = "sd1", seed: int = 0):
     pipe = PIPELINE_CLASSES[kind](**tiny_components(kind, seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --------------------------------------------------------------------------------------------------
+# MMDiT (SD3 / SD3.5 / FLUX) tiny pipelines, after diffusers' tests/pipelines/{stable_diffusion_3,flux}
+# `get_dummy_components`, but offline: the T5 tokenizer is built in memory, not downloaded.
+# --------------------------------------------------------------------------------------------------
+
+MMDiTKind = Literal["sd3", "flux", "flux-schnell"]
+MMDIT_KINDS: tuple[MMDiTKind, ...] = ("sd3", "flux", "flux-schnell")
+
+
+def tiny_t5_tokenizer(model_max_length: int = TINY_MAX_LENGTH):
+    """A character-level T5 tokenizer (`T5TokenizerFast`: pad 0, eos 1, unk 2) built in memory, no files."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + ".,'-"]
+    pieces += [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def _t5_encoder(d_model: int, vocab_size: int, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=1,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def _flow_vae(seed: int = 0) -> AutoencoderKL:
+    """4 latent channels, 2x down-sampling; shift and scale factors as SD3/FLUX VAEs have them."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        sample_size=32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()
+
+
+def tiny_mmdit_components(kind: MMDiTKind = "sd3", seed: int = 0, t5: bool = True) -> dict:
+    """Components of a tiny SD3 or FLUX pipeline, seeded (`tiny_mmdit_pipeline` builds the pipeline).
+
+    Args:
+        kind: `sd3` (SD3.5-medium-like: two CLIP towers with projection, T5, QK RMS-norm, a dual-attention
+            block whose `attn2` is an image self-attention, scheduler shift 3), `flux` (FLUX.1-dev-like:
+            CLIP pooled + T5 sequence, guidance embedding, 2 double- and 2 single-stream blocks, dynamic
+            resolution shift), `flux-schnell` (the same without guidance embedding).
+        seed: torch seed for the random weights.
+        t5: SD3 only: include the T5 encoder (False: the pipeline feeds zeros in its place, as
+            `StableDiffusion3Pipeline` does without `text_encoder_3`).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+
+    t5_tokenizer = tiny_t5_tokenizer()
+    if kind == "sd3":
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=8, pooled_projection_dim=32,
+            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+        return dict(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed),
+            text_encoder=_text_encoder(16, projection=True, seed=seed), tokenizer=clip_tokenizer(TINY_MAX_LENGTH),
+            text_encoder_2=_text_encoder(16, projection=True, seed=seed + 1),
+            tokenizer_2=clip_tokenizer(TINY_MAX_LENGTH),
+            text_encoder_3=_t5_encoder(32, len(t5_tokenizer), seed + 2) if t5 else None,
+            tokenizer_3=t5_tokenizer if t5 else None, image_encoder=None, feature_extractor=None)
+    if kind in ("flux", "flux-schnell"):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+            guidance_embeds=kind == "flux", axes_dims_rope=[4, 4, 8])
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        return dict(transformer=transformer, scheduler=scheduler, vae=_flow_vae(seed),
+                    text_encoder=_text_encoder(16, seed=seed), tokenizer=clip_tokenizer(TINY_MAX_LENGTH),
+                    text_encoder_2=_t5_encoder(32, len(t5_tokenizer), seed + 2), tokenizer_2=t5_tokenizer,
+                    image_encoder=None, feature_extractor=None)
+    raise ValueError(f"unknown tiny MMDiT pipeline kind {kind!r}; choose one of {MMDIT_KINDS}")
+
+
+def tiny_mmdit_pipeline(kind: MMDiTKind = "sd3", seed: int = 0, t5: bool = True):
+    """A tiny `StableDiffusion3Pipeline` or `FluxPipeline` with seeded random weights (16 px -> 8x8x4 latents)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    cls = StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline
+    pipe = cls(**tiny_mmdit_components(kind, seed, t5))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
