@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 ConceptType = Literal["instance", "style", "memorization", "nudity"]
 Variant = Literal["model-based", "image-based"]
-ParamGroup = Literal["cross-attn", "attn", "full", "embedding"]
+ParamGroup = Literal["cross-attn", "attn", "full", "embedding", "text-kv+embedders"]
 Sampler = Literal["ddim", "dpm++", "euler", "ddpm"]
 Teacher = Literal["same", "frozen"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -81,10 +81,13 @@ class TrainConfig:
         "model-based: match eps(z_t,c*) to the teacher's eps(z_t,c); image-based: regress the noise of anchor "
         "images under the target prompt", default="model-based")
     params: ParamGroup | None = _help(
-        "weights to train: cross-attn (attn2 to_k/to_v), attn (all attention q/k/v/out), full (whole UNet), "
-        "embedding (target token rows of the text encoder); default by concept type", default=None)
-    lora_rank: int = _help("train LoRA adapters of this rank on the chosen group instead of dense updates (0 = dense)",
-                           default=0)
+        "weights to train: cross-attn (attn2 to_k/to_v; SD3/FLUX: the text stream's add_k_proj/add_v_proj), attn "
+        "(all attention q/k/v/out), full (whole UNet or transformer), embedding (target token rows of the text "
+        "encoder; UNet models), text-kv+embedders (SD3/FLUX: cross-attn + context_embedder and the pooled-text "
+        "projection); default by concept type", default=None)
+    lora_rank: int | None = _help(
+        "train LoRA adapters of this rank on the chosen group instead of dense updates (0 = dense; default: 0 on "
+        "UNet models, 16 on SD3/FLUX, which do not fit next to a dense teacher copy)", default=None)
     lora_alpha: float | None = _help("LoRA alpha (default: equal to the rank)", default=None)
     teacher: Teacher | None = _help(
         "model-based teacher eps(z_t,c): `same` = the model being trained under no_grad (the paper's official code; "
@@ -121,6 +124,16 @@ class TrainConfig:
         default=None)
     retrieval: bool = _help("image-based: retrieve anchor images with clip-retrieval (pip install "
                             "'ablation[retrieval]')", default=False)
+    retrieval_url: str = _help("clip-retrieval service of --retrieval", default="https://knn.laion.ai/knn-service")
+    retrieval_index: str = _help("clip-retrieval index of --retrieval (the official code used laion_400m)",
+                                 default="laion5B-L-14")
+    memorized_image: str | None = _help(
+        "memorization: the memorized image; generated anchors that copy it are replaced (the official SSCD "
+        "filter). The toy world renders it itself", default=None)
+    copy_detector: str | None = _help(
+        "memorization: SSCD TorchScript file (`sscd_imagenet_mixup.torchscript.pt`, threshold 0.5) for the copy "
+        "filter; it runs the file's code, so only pass files you trust (default: CLIP image cosine, threshold 0.9)",
+        default=None)
     hflip: bool | None = _help("random horizontal flips of the anchor latents (default: on, as the official commands)",
                                default=None)
     augment: bool | None = _help(
@@ -176,7 +189,8 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {value}")
         if self.lora_rank and self.params == "embedding":
             raise ConfigError("--lora-rank applies to UNet groups; the embedding group trains token rows directly")
-        if "lora" in self.export and not self.lora_rank:
+        # The default rank depends on the model family (resolve_defaults); only `toy` is known to be a UNet here.
+        if "lora" in self.export and (self.lora_rank == 0 or (self.lora_rank is None and self.model == "toy")):
             raise ConfigError("--export lora needs --lora-rank > 0")
         if (self.anchor_images or self.retrieval) and self.variant != "image-based":
             raise ConfigError("--anchor-images / --retrieval give real images: use them with --variant image-based")
@@ -398,6 +412,22 @@ TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_i
                                   anchor_scheduler="ddim", anchor_steps=25, anchor_guidance=6.0)
 
 
+#: SD3 / SD3.5 / FLUX (docs/mmdit.md), overlaid on the paper's table: these models do not fit next to a dense
+#: teacher copy, so LoRA (rank 16) on the group is the default and the teacher is the same transformer with its
+#: adapters off (`frozen`, no second copy); anchors are sampled with the model's own flow-matching Euler scheduler
+#: at its usual settings. The LoRA learning rate is diffusers' dreambooth-LoRA default for these models (1e-4,
+#: unscaled); it is not tuned for ablation. A dense run (`--lora-rank 0`) keeps the paper's rate.
+MMDIT_COMMON: dict[str, Any] = dict(lora_rank=16, teacher="frozen", anchor_scheduler="euler", anchor_steps=28)
+MMDIT_LORA: dict[str, Any] = dict(learning_rate=1e-4, scale_lr=False)
+#: per family: `sd3` (SD3/SD3.5: classifier-free guidance 7.0), `flux` (FLUX.1-dev: distilled guidance input
+#: 3.5), `flux-schnell` (no guidance input; 4 steps, as its model card samples)
+MMDIT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd3": dict(anchor_guidance=7.0),
+    "flux": dict(anchor_guidance=3.5),
+    "flux-schnell": dict(anchor_guidance=0.0, anchor_steps=4),
+}
+
+
 def learning_rate(config: TrainConfig, num_processes: int) -> float:
     """The optimizer's rate: the base rate, scaled by the total batch with --scale-lr, and then doubled with prior
     preservation, as the official `train.py` does (the prior half doubles the batch it scales by)."""
@@ -410,7 +440,7 @@ def learning_rate(config: TrainConfig, num_processes: int) -> float:
 
 
 def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str], prior_preservation: bool,
-                     native_resolution: int, vae_scale_factor: int) -> TrainConfig:
+                     native_resolution: int, vae_scale_factor: int, family: str = "unet") -> TrainConfig:
     """Fill every `None` default, and check what needs the model's config.
 
     Args:
@@ -419,15 +449,24 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         concept_types: resolved type of each concept; the first one picks the defaults.
         prior_preservation: what `--prior-preservation` defaults to (see `concepts.needs_prior_preservation`).
         native_resolution: `unet.config.sample_size * vae_scale_factor`.
-        vae_scale_factor: pixels per latent cell.
+        vae_scale_factor: pixels per latent cell (SD3/FLUX: per transformer token side, which the resolution
+            must divide into).
+        family: `unet` (SD1/SD2/SDXL, the toy model), or `sd3`, `flux`, `flux-schnell` (`MMDIT_DEFAULTS`).
 
     Returns:
         A new TrainConfig without `None` in the hyperparameters.
     """
     table = TOY_DEFAULTS if toy else PAPER_DEFAULTS
     defaults = {**(TOY_COMMON if toy else PAPER_COMMON), **table[concept_types[0]]}
-    defaults.update(prior_preservation=prior_preservation, resolution=native_resolution,
-                    lora_alpha=float(config.lora_rank) or None,
+    lora_rank = config.lora_rank
+    if family in MMDIT_DEFAULTS:
+        defaults.update(MMDIT_COMMON, **MMDIT_DEFAULTS[family])
+        lora_rank = defaults["lora_rank"] if lora_rank is None else lora_rank
+        if lora_rank:
+            defaults.update(MMDIT_LORA)
+    lora_rank = lora_rank or 0
+    defaults.update(prior_preservation=prior_preservation, resolution=native_resolution, lora_rank=lora_rank,
+                    lora_alpha=float(lora_rank) or None,
                     cache_dir=os.environ.get("ABLATION_CACHE") or DEFAULT_CACHE_DIR)
     updates = {k: v for k, v in defaults.items() if getattr(config, k) is None}
     resolved = dataclasses.replace(config, **updates)
@@ -436,6 +475,8 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
                           f"of this model (native size {native_resolution})")
     if resolved.params == "embedding" and resolved.lora_rank:
         raise ConfigError("--lora-rank applies to UNet groups; the embedding group trains token rows directly")
+    if "lora" in resolved.export and not resolved.lora_rank:
+        raise ConfigError("--export lora needs --lora-rank > 0")
     return resolved
 
 

@@ -6,7 +6,10 @@ directory and a checkpoint to resume from, and returns a `RunPlan` the trainer e
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,22 +38,92 @@ def _read_model_configs(model_path: str) -> tuple[dict, dict]:
         unet = UNet2DConditionModel.load_config(model_path, subfolder="unet")
         vae = AutoencoderKL.load_config(model_path, subfolder="vae")
     except (OSError, ValueError) as e:
+        from ablation.architectures import read_transformer_configs
+
+        transformer = read_transformer_configs(model_path)  # SD3 / FLUX: no unet, a transformer
+        if transformer is not None:
+            return transformer[0], transformer[1]
         raise ConfigError(f"cannot read the UNet/VAE config of model {model_path!r}: {e}") from None
     return unet, vae
 
 
-def slug(text: str) -> str:
-    """Folder-name form of a concept (`Grumpy Cat` -> `grumpy-cat`)."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+def _family(model_path: str, pipe, denoiser_config: dict) -> str:
+    """`unet`, or the SD3/FLUX family (`ablation.architectures.MMDIT_FAMILIES`) of the model to train."""
+    from ablation.architectures import pipeline_family, read_transformer_configs
+
+    if pipe is not None:
+        return "unet" if getattr(pipe, "unet", None) is not None else pipeline_family(pipe)
+    if "sample_size" in denoiser_config and "cross_attention_dim" in denoiser_config:  # a UNet config
+        return "unet"
+    found = read_transformer_configs(model_path)
+    return "unet" if found is None else found[2]
 
 
-def plan_run(config: TrainConfig, pipe=None) -> RunPlan:
+SLUG_MAX_BYTES = 64  # far below the 255-byte file-name limit of common filesystems, and readable in a listing
+
+
+def slug(text: str, max_bytes: int = SLUG_MAX_BYTES) -> str:
+    """Folder-name form of a concept: `Grumpy Cat` -> `grumpy-cat`, `Café 猫` -> `café-猫`.
+
+    Letters, marks and digits of every script are kept (NFC, lower case); every other run of characters
+    becomes one `-`. The result is never empty (`concept-<hash>` when nothing is left) and at most
+    `max_bytes` UTF-8 bytes: a longer one is cut at a character boundary and ends in `-<hash>` of the full
+    text, so two long targets that share a prefix still get different folders.
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    kept = "".join(ch if unicodedata.category(ch)[0] in "LMN" else "-" for ch in text)
+    name = re.sub(r"-+", "-", kept).strip("-")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    if not name:
+        return f"concept-{digest}"
+    if len(name.encode()) <= max_bytes:
+        return name
+    budget = max_bytes - len(digest) - 1
+    head = name.encode()[:budget].decode(errors="ignore").rstrip("-")
+    return f"{head}-{digest}"
+
+
+def _num_processes() -> int:
+    """Processes of this launch (accelerate's state: reads the launcher's environment, loads nothing)."""
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def _check_output_dir(out: Path) -> None:
+    """The run directory must be a directory or creatable, and not held by a live run (writes nothing)."""
+    from ablation.runlock import check_unlocked
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {str(out)!r} is a file, not a directory; choose another --output-dir")
+    parent = out
+    while not parent.exists():  # the nearest existing ancestor decides whether `out` can be created
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"cannot create --output-dir {str(out)!r}: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --output-dir {str(out)!r}: {str(parent)!r} is not writable")
+    if out.is_dir():
+        check_unlocked(out)
+
+
+def _has_results(out: Path) -> bool:
+    from ablation.runlock import LOCK_NAME
+
+    return out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
+
+
+def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -> RunPlan:
     """Check a configuration against the model's config files, the prompt sources and the output directory.
 
     Args:
         config: the validated user configuration.
         pipe: an already loaded pipeline to train in place (the Python API); its configs replace the files
             of `config.model`, which then only names the base in the delta's metadata.
+        num_processes: processes of the run (default: accelerate's launch state); a checkpoint saved by another
+            number cannot be resumed exactly.
 
     Raises:
         ConfigError: any bad input (see `ablation.config.ConfigError`), before weights are loaded.
@@ -60,7 +133,8 @@ def plan_run(config: TrainConfig, pipe=None) -> RunPlan:
 
     if pipe is not None:
         model_path = str(getattr(pipe, "name_or_path", None) or config.model)
-        unet_config, vae_config = dict(pipe.unet.config), dict(pipe.vae.config)
+        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer  # SD3 / FLUX
+        unet_config, vae_config = dict(denoiser.config), dict(pipe.vae.config)
     else:
         try:
             model_path = resolve_model(config.model)
@@ -68,23 +142,35 @@ def plan_run(config: TrainConfig, pipe=None) -> RunPlan:
             raise ConfigError(str(e)) from None
         unet_config, vae_config = _read_model_configs(model_path)
     toy = is_toy(config.model)
-    if unet_config.get("in_channels", 4) != 4:
+    family = _family(model_path, pipe, unet_config)
+    if family == "unet" and unet_config.get("in_channels", 4) != 4:
         raise ConfigError(f"model {config.model!r} has a {unet_config['in_channels']}-channel UNet (inpainting or "
                           f"upscaling); ablate a text-to-image model and apply the delta to it")
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     concepts = resolve_concepts(config.concept_specs(), toy)
+    from ablation.architectures import check_family_options, native_geometry
+
+    native, multiple = native_geometry(family, unet_config, vae_factor)  # UNet: (sample_size x factor, factor)
     resolved = resolve_defaults(
         config, toy=toy, concept_types=[c.concept_type for c in concepts],
         prior_preservation=any(needs_prior_preservation(c) for c in concepts),
-        native_resolution=unet_config["sample_size"] * vae_factor, vae_scale_factor=vae_factor)
-    check_image_source(resolved.anchor_images, resolved.retrieval)
+        native_resolution=native, vae_scale_factor=multiple, family=family)
+    check_family_options(resolved, family)
+    check_image_source(resolved.anchor_images, resolved.retrieval, count=resolved.num_anchor_images)
+    if resolved.memorized_image:  # bad files fail here, before any expensive work
+        from ablation.data import load_reference_image
+
+        load_reference_image(resolved.memorized_image)
+    if resolved.copy_detector and not Path(resolved.copy_detector).expanduser().is_file():
+        raise ConfigError(f"--copy-detector {resolved.copy_detector!r} does not exist (an SSCD TorchScript file)")
     if resolved.use_8bit_adam:
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes")
-    out = Path(resolved.output_dir or Path("outputs") / "-".join(slug(c.target) for c in concepts)).expanduser()
+    out = Path(resolved.output_dir or Path("outputs") / slug("-".join(c.target for c in concepts))).expanduser()
     resolved.output_dir = str(out)
+    _check_output_dir(out)
     config_hash = training_hash(resolved)
     resume_dir = None
     if resolved.resume_from_checkpoint:
@@ -101,7 +187,13 @@ def plan_run(config: TrainConfig, pipe=None) -> RunPlan:
                 raise ConfigError(f"checkpoint {resume_dir} was made with another training configuration "
                                   f"(hash {state['config_hash']} != {config_hash}); resume with the same options "
                                   f"or start a new --output-dir")
-    if out.exists() and any(out.iterdir()) and not resolved.overwrite and resume_dir is None:
+            saved = state.get("num_processes")
+            world = _num_processes() if num_processes is None else num_processes
+            if saved is not None and saved != world:
+                raise ConfigError(f"checkpoint {resume_dir} was saved by {saved} process(es) but this run has {world}; "
+                                  f"the batch order and data shards depend on it, so resume with "
+                                  f"`accelerate launch --num_processes {saved}` or start a new --output-dir")
+    if _has_results(out) and not resolved.overwrite and resume_dir is None:
         raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite to replace its results "
                           f"or --resume-from-checkpoint latest to continue")
     return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash)

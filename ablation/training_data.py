@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -30,18 +29,35 @@ class TrainingData:
     blank: torch.Tensor | None = None  # latent of the augmentation's grey canvas
 
 
-def model_fingerprint(model_id: str, model_path: str, pipe) -> str:
-    """Identity of the base weights for the anchor cache: id, UNet config and the UNet files' size and mtime.
+def copy_filter(plan: RunPlan, concept, device):
+    """The memorization copy filter of a concept (None for other types, or without a reference image).
 
-    The mtime makes a retrained model (same id and config) miss the cache.
+    The reference is `--memorized-image`, or on the toy world the renderer's memorized image; the embedder is a
+    user's SSCD TorchScript file (threshold 0.5, as the official code) or the CLIP judge (image cosine 0.9).
     """
-    from ablation.checkpoint import pipeline_config_hash
+    from ablation import data
 
-    parts = [model_id, pipeline_config_hash(pipe)[:16]]
-    unet_dir = Path(model_path) / "unet"
-    if unet_dir.is_dir():
-        parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(unet_dir.iterdir())]
-    return "|".join(parts)
+    if concept.concept_type != "memorization":
+        return None
+    cfg = plan.config
+    if cfg.memorized_image:
+        reference = data.load_reference_image(cfg.memorized_image)
+    elif plan.toy:
+        from PIL import Image
+
+        from ablation.toyworld.render import render
+
+        reference = Image.fromarray(render(concept.target, 0, size=cfg.resolution))
+    else:
+        return None
+    if cfg.copy_detector:
+        embedder = data.load_torchscript_embedder(cfg.copy_detector, device=device)
+        return data.CopyFilter(reference, embedder, embedder.name, data.SSCD_COPY_THRESHOLD)
+    from ablation.evaluation.clip_judge import ClipJudge, default_clip_for
+
+    judge = ClipJudge(default_clip_for(cfg.model), device=device)
+    name = "toy-clip" if plan.toy else judge.model_id  # a path would tie the cache to the install location
+    return data.CopyFilter(reference, judge.image_features, name, data.CLIP_COPY_THRESHOLD)
 
 
 def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
@@ -53,24 +69,30 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
     from ablation import data
 
     cfg = plan.config
-    fingerprint = model_fingerprint(cfg.model, plan.model_path, pipe)
+    # Taken before the frozen weights are cast for mixed precision (the dtype is part of the key).
+    model_key = data.anchor_model_key(cfg.model, plan.model_path, pipe, None)
     latents, anchor_rows, target_rows, prompts, generated = [], [], [], [], 0
     for i, concept in enumerate(plan.concepts):
         if cfg.variant == "image-based" and (cfg.anchor_images or cfg.retrieval):
             source = cfg.anchor_images
             if cfg.retrieval:
                 source = plan.output_dir / "retrieved" / f"{i}-{slug(concept.anchor)}"
-                if accelerator.is_main_process and not source.exists():
-                    data.retrieve_images(concept.anchor, cfg.num_anchor_images, source)
+                if accelerator.is_main_process:  # reuses a complete folder, resumes a partial one
+                    data.retrieve_images(concept.anchor, cfg.num_anchor_images, source, url=cfg.retrieval_url,
+                                         index=cfg.retrieval_index, overwrite=cfg.overwrite)
                 accelerator.wait_for_everyone()
             anchors = data.image_anchor_latents(pipe.vae, source, len(concept.anchor_prompts), cfg.num_anchor_images,
                                                 cfg.resolution, cfg.seed)
         else:
-            settings = data.SamplerSettings(fingerprint, concept.anchor_prompts, cfg.anchor_scheduler,
+            # Nudity anchors are sampled with the target as the negative prompt, as the official code does.
+            negative = concept.target if concept.concept_type == "nudity" else None
+            settings = data.SamplerSettings(model_key, concept.anchor_prompts, cfg.anchor_scheduler,
                                             cfg.anchor_steps, cfg.anchor_guidance, cfg.resolution,
-                                            cfg.num_anchor_images, cfg.seed)
+                                            cfg.num_anchor_images, cfg.seed, precision=cfg.mixed_precision,
+                                            negative_prompt=negative)
             anchors = data.cached_anchor_latents(pipe, settings, cfg.cache_dir, cfg.anchor_batch_size,
-                                                 autocast=accelerator.autocast)
+                                                 autocast=accelerator.autocast,
+                                                 copy_filter=copy_filter(plan, concept, pipe.device))
             generated += cfg.num_anchor_images if anchors.generated else 0
         offset = len(prompts)
         variants = concept.variants()  # [anchor prompt][template]
@@ -87,8 +109,18 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
     training = TrainingData(torch.cat(latents), torch.cat(anchor_rows), torch.cat(target_rows), prompts)
     if cfg.augment:
         add_prefixed_prompts(training)
-        training.blank = blank_latent(pipe.vae, cfg.resolution)
+        training.blank = _blank(pipe.vae, cfg.resolution)
     return training, generated
+
+
+def _blank(vae, resolution: int) -> torch.Tensor:
+    """Latent of the augmentation's grey canvas in the denoiser's latent space.
+
+    SD3 / FLUX VAEs shift before they scale, (z - shift) * scale; `blank_latent` gives z * scale.
+    """
+    blank = blank_latent(vae, resolution)
+    shift = getattr(vae.config, "shift_factor", None)
+    return blank - shift * vae.config.scaling_factor if shift else blank
 
 
 def add_prefixed_prompts(training: TrainingData) -> None:
