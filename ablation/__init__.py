@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_ablated_pipeline"]
+__all__ = ["AblationResult", "__version__", "ablate", "evaluate", "load_ablated_pipeline"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from ablation.checkpoint import load_ablated_pipeline
 
         return load_ablated_pipeline
+    if name in ("ablate", "evaluate", "AblationResult"):
+        from ablation import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'ablation' has no attribute {name!r}")

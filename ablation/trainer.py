@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ablation import losses
+from ablation.architectures import training_adapter
 from ablation.concepts import common_words
 from ablation.config import ConfigError, TrainConfig, learning_rate
-from ablation.data import encode_prompts
 from ablation.io import atomic_write_text
 from ablation.objective import Objective
 from ablation.planning import RunPlan, plan_run
@@ -108,17 +108,20 @@ def _cast_frozen(modules, dtype) -> None:
 
 
 def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accelerator):
-    """Trainable group (dense or LoRA), dtypes, optimizer, `accelerator.prepare`, the objective."""
-    from diffusers import DDPMScheduler
+    """Trainable group (dense or LoRA), dtypes, optimizer, `accelerator.prepare`, the objective.
 
+    The denoiser is the UNet or the SD3/FLUX transformer; its family's adapter (`ablation.architectures`)
+    supplies the training scheduler and how it is called.
+    """
     from ablation.params import setup_trainable
 
+    adapter = training_adapter(pipe)
     trainable = setup_trainable(pipe, cfg.params, cfg.lora_rank, cfg.lora_alpha, token_ids)
-    unet = pipe.unet
+    unet = adapter.denoiser(pipe)
     teacher_params = None
-    dense_unet = not trainable.lora and "unet" in trainable.parameters
+    dense_unet = not trainable.lora and adapter.component in trainable.parameters
     if cfg.variant == "model-based" and cfg.teacher == "frozen" and dense_unet:
-        teacher_params = {n: p.detach().clone() for n, p in trainable.parameters["unet"].items()}
+        teacher_params = {n: p.detach().clone() for n, p in trainable.parameters[adapter.component].items()}
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     _cast_frozen([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], weight_dtype)
     if cfg.gradient_checkpointing:
@@ -131,9 +134,9 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     register_state_hooks(accelerator, trainable)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = adapter.training_scheduler(pipe)  # UNet: DDPM; SD3/FLUX: flow matching
     objective = Objective(cfg, pipe, data, noise_scheduler, unet, accelerator.device, accelerator.process_index,
-                          teacher_params)
+                          teacher_params, adapter)
     return unet, optimizer, trainable, objective, lr
 
 
@@ -183,7 +186,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
     pipe.set_progress_bar_config(disable=True)
     data, generated = prepare_data(plan, pipe, accelerator)
     with torch.no_grad(), accelerator.autocast():
-        data.embeddings = encode_prompts(pipe, data.prompts, device).to(device, torch.float32)
+        data.embeddings = training_adapter(pipe).encode_prompts(pipe, data.prompts, device).to(device, torch.float32)
     token_ids = None
     if cfg.params == "embedding":
         token_ids = sorted({i for c in plan.concepts for i in target_token_ids(pipe.tokenizer, c.target, c.anchor)})
@@ -193,7 +196,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
                            "them changes too (e.g. 'a white van' for 'Van Gogh'); use --params cross-attn to keep "
                            "other prompts", ", ".join(repr(w) for w in shared))
     else:  # the prompt embeddings are fixed: the text encoders leave the device
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # SD3's T5 is text_encoder_3
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).to("cpu")
     pipe.vae.to("cpu")  # every anchor is a latent by now
@@ -308,5 +311,8 @@ def _write_outputs(plan: RunPlan, pipe, trainable, token_ids, step: int, lr: flo
             checkpoint.apply_delta(export_pipe, tensors)
         checkpoint.export_outputs(export_pipe, plan.output_dir, cfg.export, lora_state, metadata)
         exports = [plan.output_dir / kind for kind in cfg.export]
+    from ablation.model_card import write_model_card
+
+    write_model_card(plan.output_dir)  # README.md in the Hugging Face format
     return delta, exports
 
