@@ -30,7 +30,7 @@ Sampler = Literal["ddim", "dpm++", "euler", "ddpm"]
 Teacher = Literal["same", "frozen"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ReportTo = Literal["tensorboard", "none"]
-ExportKind = Literal["pipeline", "lora"]
+ExportKind = Literal["pipeline", "lora", "single-file"]
 
 CONCEPT_KEYS = ("target", "anchor", "concept_type", "anchor_prompts")
 #: the official code's names, accepted as aliases of this project's
@@ -77,6 +77,10 @@ class TrainConfig:
 
     # --- model and method -----------------------------------------------------------------------
     model: str = _help("`toy`, a local diffusers pipeline directory or a hub id", default="toy")
+    model_config: str | None = _help(
+        "single-file --model (.safetensors): a diffusers folder of the same family to read its configs from, "
+        "offline (default: configs embedded by `--export single-file`, else the local Hugging Face cache)",
+        default=None)
     variant: Variant = _help(
         "model-based: match eps(z_t,c*) to the teacher's eps(z_t,c); image-based: regress the noise of anchor "
         "images under the target prompt", default="model-based")
@@ -154,7 +158,8 @@ class TrainConfig:
     checkpointing_steps: int = _help("save resumable state every N steps (0 = never)", default=100)
     checkpoints_total_limit: int | None = _help("keep at most this many checkpoints", default=2)
     resume_from_checkpoint: str | None = _help("`latest` or a checkpoint directory", default=None)
-    export: list[ExportKind] = _help("extra outputs: pipeline (full diffusers pipeline), lora (adapters)",
+    export: list[ExportKind] = _help("extra outputs: pipeline (full diffusers pipeline), lora (diffusers and "
+                                     "kohya/A1111/ComfyUI LoRA files), single-file (one .safetensors checkpoint)",
                                      default_factory=list)
     report_to: ReportTo = _help("experiment tracker", default="none")
 

@@ -1,7 +1,11 @@
-"""`ablate apply` and `ablate export`: turn a run's `delta.safetensors` into a pipeline or a LoRA directory.
+"""`ablate apply` and `ablate export`: turn a run's `delta.safetensors` into a pipeline, a LoRA or a single file.
 
-    ablate apply --base CompVis/stable-diffusion-v1-4 --delta outputs/grumpy_cat --out models/sd14-no-grumpy-cat
-    ablate export --run outputs/grumpy_cat --format lora --rank 16
+    ablate apply --base CompVis/stable-diffusion-v1-4 --delta outputs/grumpy-cat --out models/sd14-no-grumpy-cat
+    ablate export --run outputs/grumpy-cat --format lora --rank 16
+    ablate export --run outputs/grumpy-cat --format single-file
+
+Bad input (a missing or damaged delta, a delta trained on other base weights without --force, an
+existing --out) is one line `error: ...`, exit status 2, before any model is loaded or anything written.
 """
 
 from __future__ import annotations
@@ -53,13 +57,15 @@ def apply_parser() -> argparse.ArgumentParser:
                     "(safetensors), loadable with DiffusionPipeline.from_pretrained(OUT).",
     )
     parser.add_argument("--base", default=None,
-                        help="base model: `toy`, a diffusers directory or a hub id (default: the base_model "
-                             "recorded in the delta's metadata)")
+                        help="base model: `toy`, a diffusers directory, a single-file .safetensors checkpoint or "
+                             "a hub id (default: the base_model recorded in the delta's metadata)")
     parser.add_argument("--delta", required=True,
                         help="a delta.safetensors file, a run's output directory (its delta.safetensors) or a "
                              "LoRA directory (merged into the weights)")
     parser.add_argument("--out", required=True, help="directory to write the pipeline to")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="apply even when the delta records other base weights than --base's")
     return parser
 
 
@@ -72,7 +78,7 @@ def _apply(argv: list[str] | None) -> None:
         raise _UsageError(f"{path} is already a complete pipeline; nothing to apply")
     metadata = checkpoint.read_metadata(path)
     base = _base_of(args.base, metadata, path)
-    pipe = checkpoint.load_ablated_pipeline(base, path)
+    pipe = checkpoint.load_ablated_pipeline(base, path, force=args.force)
     if kind == "lora":
         pipe.fuse_lora()  # merge adapters into the weights so the saved pipeline needs no peft
         pipe.unload_lora_weights()
@@ -94,20 +100,29 @@ def export_parser() -> argparse.ArgumentParser:
     """Arguments of `ablate export`."""
     parser = argparse.ArgumentParser(
         prog="ablate export",
-        description="Export a finished run (its delta.safetensors) as a complete diffusers pipeline or as a "
-                    "LoRA directory for pipe.load_lora_weights(DIR). A LoRA export of a dense run approximates "
-                    "each changed Linear weight's delta by truncated SVD: lossy below full rank (the relative "
+        description="Export a finished run (its delta.safetensors) as a complete diffusers pipeline, as a "
+                    "LoRA directory for pipe.load_lora_weights(DIR) that also holds a kohya-layout file for "
+                    "AUTOMATIC1111/ComfyUI, or as one single-file .safetensors in the original (LDM / A1111) "
+                    "layout. A LoRA export of a dense run approximates each changed Linear weight's delta by "
+                    "truncated SVD: lossy below full rank (the relative "
                     "reconstruction error is logged); changed biases, norms, convolutions and embedding rows "
                     "are dropped.",
     )
     parser.add_argument("--run", required=True, help="the run's output directory (holds delta.safetensors)")
-    parser.add_argument("--format", required=True, choices=checkpoint.EXPORT_KINDS, help="what to write")
+    parser.add_argument("--format", choices=checkpoint.EXPORT_KINDS, help="what to write (optional with --push-to-hub)")
     parser.add_argument("--base", default=None,
                         help="base model (default: the base_model recorded in the delta's metadata)")
     parser.add_argument("--rank", type=int, default=None,
                         help="LoRA rank of the SVD (default: the run's lora_rank, else 16)")
-    parser.add_argument("--out", default=None, help="output directory (default: RUN/pipeline or RUN/lora)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: RUN/pipeline, RUN/lora or RUN/single-file)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="export even when the delta records other base weights than --base's")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="upload the run folder (delta, exports, model card; not checkpoints) to this Hub repo")
+    parser.add_argument("--hub-token", default=None, help="Hub token (default: the logged-in token, HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     return parser
 
 
@@ -117,26 +132,48 @@ def _export(argv: list[str] | None) -> None:
     delta_file = run / checkpoint.DELTA_FILENAME if run.is_dir() else run
     if not delta_file.is_file():
         raise _UsageError(f"{delta_file} does not exist; --run takes a finished run's output directory")
+    if args.format is None:
+        if not args.push_to_hub:
+            raise _UsageError("give --format pipeline|lora|single-file, --push-to-hub REPO, or both")
+        _publish(args, delta_file.parent)
+        return
     out = Path(args.out).expanduser() if args.out else delta_file.parent / args.format
     _check_out(out, args.overwrite)
     if args.rank is not None and args.rank < 1:
         raise _UsageError(f"--rank must be >= 1, got {args.rank}")
     tensors, metadata = checkpoint.load_delta(delta_file)
     base = _base_of(args.base, metadata, delta_file)
-    if args.format == "pipeline":
-        pipe = checkpoint.load_ablated_pipeline(base, delta_file)
-        checkpoint.save_pipeline(pipe, out, {**metadata, "base_model": base})
+    if args.format in ("pipeline", "single-file"):
+        pipe = checkpoint.load_ablated_pipeline(base, delta_file, force=args.force)
+        if args.format == "pipeline":
+            checkpoint.save_pipeline(pipe, out, {**metadata, "base_model": base})
+        else:
+            from ablation.export import save_single_file_export
+
+            out = save_single_file_export(pipe, out, {**metadata, "base_model": base})
     else:
         from ablation.models import load_pipeline
 
         rank = args.rank or int(metadata.get("lora_rank", "0") or 0) or 16
         base_pipe = load_pipeline(base)
-        checkpoint.check_base(base_pipe, metadata, delta_file)
+        checkpoint.check_base(base_pipe, metadata, delta_file, keys=tensors, force=args.force)
         state, error = checkpoint.svd_lora_state(base_pipe, tensors, rank)
         checkpoint.save_lora(type(base_pipe), out, state, {**metadata, "base_model": base, "lora_rank": str(rank),
                                                            "svd_relative_error": f"{error:.6g}"})
         print(f"LoRA rank {rank}: relative reconstruction error {error:.3g}")
     print(f"wrote {out}")
+    _publish(args, delta_file.parent)
+
+
+def _publish(args, run: Path) -> None:
+    """Refresh the run's model card (it lists the exports), then upload the run if asked."""
+    from ablation.model_card import push_to_hub, write_model_card
+
+    if (run / "config.yaml").is_file():
+        write_model_card(run, repo_id=args.push_to_hub)
+    if args.push_to_hub:
+        url = push_to_hub(run, args.push_to_hub, token=args.hub_token, private=args.private)
+        print(f"uploaded {run} to {url}")
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,29 @@
-"""Resolving model ids ("toy", a local directory or a hub id) and loading pipelines."""
+"""Resolving model ids (`toy`, a local directory, a single-file checkpoint or a hub id) and loading pipelines.
+
+Every bad id fails here with a ConfigError that says what the id is and what would work, before any
+weights are read: a missing path, a file that is not a model (a delta, a LoRA, a text file), a hub id
+while offline or with the hub unreachable.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from ablation.config import ConfigError
+
 TOY_MODEL_ID = "toy"
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+_CHOICES = ("pass `toy`, a diffusers folder (with model_index.json), a single-file .safetensors checkpoint "
+            "(SD 1.x/2.x/SDXL) or a hub id like `CompVis/stable-diffusion-v1-4`")
+
+
+class ModelNotFoundError(ConfigError, FileNotFoundError):
+    """A model path that does not exist or is not a model (also a FileNotFoundError for older callers)."""
+
+
+class HubUnavailableError(ConfigError):
+    """A hub id cannot be resolved: offline mode is on or the hub is unreachable, and it is not cached."""
 
 
 def is_toy(model: str) -> bool:
@@ -19,21 +38,78 @@ def is_toy(model: str) -> bool:
         return False
 
 
-def resolve_model(model: str) -> str:
-    """Map a model id to what `from_pretrained` takes, failing early on a missing local path.
+def is_single_file(model: str) -> bool:
+    """True when `model` names an existing single-file checkpoint (`.safetensors` file)."""
+    path = Path(model).expanduser()
+    return path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES
 
-    Args:
-        model: `toy`, a local diffusers directory, or a hub id such as `CompVis/stable-diffusion-v1-4`.
 
-    Returns:
-        A local directory path or the hub id unchanged.
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _cached_on_hub(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "model_index.json")
+    except Exception:  # an id the cache cannot even parse: let from_pretrained say what is wrong
+        return False
+    return isinstance(found, str)
+
+
+def check_hub_id(repo_id: str, timeout: float = 5.0) -> None:
+    """Make sure a hub id can be loaded: cached, or the hub reachable (one TCP connection, `timeout` s).
+
+    A plain connection test rather than a hub request: huggingface_hub retries a failed request five
+    times with back-off (about 25 s) and prints each retry.
 
     Raises:
-        FileNotFoundError: the id looks like a local path (absolute, `./`, `~`) but does not exist, or a
-            local directory has no `model_index.json`.
+        HubUnavailableError: offline mode is on, or the hub cannot be reached, and the id is not cached.
+    """
+    if _cached_on_hub(repo_id):
+        return
+    local = "a local diffusers folder or a single-file .safetensors checkpoint works offline"
+    if _hub_offline():
+        raise HubUnavailableError(f"model {repo_id!r} is a Hugging Face hub id, but offline mode is on "
+                                  f"(HF_HUB_OFFLINE=1) and it is not in the local cache; {local}")
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise HubUnavailableError(f"model {repo_id!r} is a Hugging Face hub id, but the hub ({host}) is unreachable "
+                                  f"({e.strerror or type(e).__name__}) and the model is not in the local cache; "
+                                  f"{local}") from None
+
+
+def resolve_model(model: str, *, check_hub: bool = True) -> str:
+    """Map a model id to what `from_pretrained` / `from_single_file` takes, failing early on bad ids.
+
+    Args:
+        model: `toy`, a local diffusers directory, a single-file `.safetensors` checkpoint, or a hub id
+            such as `CompVis/stable-diffusion-v1-4`.
+        check_hub: check that a hub id is cached or the hub reachable (`check_hub_id`: one TCP connection,
+            not a hub request). Offline mode without the id in the cache is refused either way.
+
+    Returns:
+        A local directory or file path, or the hub id unchanged.
+
+    Raises:
+        ModelNotFoundError: a local-looking path that does not exist, a directory without
+            `model_index.json`, or a file that is not a model (says what it is).
+        HubUnavailableError: a hub id while offline (or unreachable, with `check_hub`) and not cached.
+        ConfigError: an empty id.
     """
     if not model or not model.strip():
-        raise ValueError("--model is empty; pass `toy`, a local diffusers directory or a hub id")
+        raise ConfigError(f"--model is empty; {_CHOICES}")
     if model == TOY_MODEL_ID:
         from ablation.toyworld import pipeline_dir
 
@@ -43,21 +119,108 @@ def resolve_model(model: str) -> str:
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if path.is_dir():
         if not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"{path} has no model_index.json; pass a diffusers pipeline directory "
-                                    f"(saved with `save_pretrained`) or a hub id")
+            raise ModelNotFoundError(f"{path} has no model_index.json; {_CHOICES}")
         return str(path)
-    if looks_local:
-        raise FileNotFoundError(f"model path {model!r} does not exist; pass `toy`, an existing diffusers directory "
-                                f"or a hub id like `CompVis/stable-diffusion-v1-4`")
+    if path.is_file():
+        return str(_check_model_file(path))
+    if looks_local or path.suffix.lower() in (".safetensors", ".ckpt", ".bin", ".pt", ".pth"):
+        raise ModelNotFoundError(f"model path {model!r} does not exist; {_CHOICES}")
+    if check_hub:
+        check_hub_id(model)
+    elif _hub_offline() and not _cached_on_hub(model):
+        raise HubUnavailableError(f"model {model!r} is a Hugging Face hub id, but offline mode is on "
+                                  f"(HF_HUB_OFFLINE=1) and it is not in the local cache; a local diffusers folder "
+                                  f"or a single-file .safetensors checkpoint works offline")
     return model
 
 
-def load_pipeline(model: str, torch_dtype=None, **kwargs):
-    """Load any diffusers pipeline by id (see `resolve_model`), safetensors only, no remote code."""
+def _check_model_file(path: Path) -> Path:
+    """An existing file given as a model: a single-file checkpoint, or an error saying what it is."""
+    suffix = path.suffix.lower()
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelNotFoundError(f"{path} is a pickle checkpoint ({suffix}); only .safetensors are loaded (pickle "
+                                 f"files can run code). Convert it to .safetensors, or {_CHOICES}")
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        kind = "an empty file" if path.stat().st_size == 0 else f"a {suffix or 'extension-less'} file"
+        raise ModelNotFoundError(f"{path} is {kind}, not a model; {_CHOICES}")
+    from ablation.single_file import SingleFileError, describe_file
+
+    try:
+        problem = describe_file(path)
+    except SingleFileError as e:
+        raise ModelNotFoundError(str(e)) from None
+    if problem:
+        raise ModelNotFoundError(problem)
+    return path
+
+
+def dtype_kwarg(dtype) -> dict:
+    """`{"dtype": dtype}` for diffusers versions that renamed `torch_dtype` (which then warns), else `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype": dtype} if renamed else {"torch_dtype": dtype}
+
+
+def read_model_configs(model: str, model_config: str | None = None) -> tuple[dict, dict]:
+    """The UNet and VAE configs of a model without loading weights (for planning a run).
+
+    For a single-file checkpoint they come from `model_config` (a diffusers folder of the same family),
+    the configs embedded by `save_single_file`, or the local Hugging Face cache.
+
+    Raises:
+        ConfigError: the configs cannot be read.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    resolved = resolve_model(model)
+    if is_single_file(resolved) and model_config is None:
+        import json
+
+        from ablation.single_file import CONFIG_KEY, _cached_config_dir, _header, model_type
+
+        _, metadata = _header(Path(resolved))
+        if CONFIG_KEY in metadata:
+            configs = json.loads(metadata[CONFIG_KEY])
+            return configs["unet"], configs["vae"]
+        folder = _cached_config_dir(model_type(resolved))
+        if folder is None:
+            raise ConfigError(f"{resolved} is a single-file checkpoint whose diffusers configs are not available "
+                              f"offline; pass --model-config DIR (a diffusers folder of the same family)")
+        resolved = str(folder)
+    elif model_config is not None:
+        resolved = str(Path(model_config).expanduser())
+    try:
+        unet = UNet2DConditionModel.load_config(resolved, subfolder="unet")
+        vae = AutoencoderKL.load_config(resolved, subfolder="vae")
+    except (OSError, ValueError) as e:
+        from ablation.architectures import read_transformer_configs
+
+        transformer = read_transformer_configs(resolved)  # SD3 / FLUX: the transformer's config instead
+        if transformer is not None:
+            return transformer[0], transformer[1]
+        raise ConfigError(f"cannot read the UNet/VAE config of model {model!r}: {e}") from None
+    return dict(unet), dict(vae)
+
+
+def load_pipeline(model: str, torch_dtype=None, *, model_config: str | None = None, **kwargs):
+    """Load any diffusers pipeline by id (see `resolve_model`), safetensors only, no remote code.
+
+    Args:
+        model: `toy`, a diffusers folder, a single-file `.safetensors` checkpoint or a hub id.
+        torch_dtype: dtype to load in (default float32).
+        model_config: for a single-file checkpoint, a diffusers folder of the same family to take the
+            configs from (see `ablation.single_file.load_single_file`).
+        **kwargs: forwarded to `from_pretrained` / `from_single_file`.
+    """
     import torch
+
+    resolved = resolve_model(model)
+    if is_single_file(resolved):
+        from ablation.single_file import load_single_file
+
+        return load_single_file(resolved, config=model_config, torch_dtype=torch_dtype, **kwargs)
     from diffusers import DiffusionPipeline
 
     kwargs.setdefault("use_safetensors", True)
-    pipe = DiffusionPipeline.from_pretrained(resolve_model(model), torch_dtype=torch_dtype or torch.float32,
-                                             **kwargs)
-    return pipe
+    return DiffusionPipeline.from_pretrained(resolved, **dtype_kwarg(torch_dtype or torch.float32), **kwargs)

@@ -174,11 +174,14 @@ class Trainable:
             adapters merge into).
         parameters: component -> parameter name -> the tensors the optimizer updates (LoRA: the adapters).
         lora: adapters were added to the denoiser (UNet or transformer).
+        base_fingerprint: sampled values of the base weights these parameters start from (set by the trainer
+            before anything is cast or trained; stored in the delta so it is not applied to another base).
     """
 
     param_names: dict[str, list[str]]
     parameters: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
     lora: bool = False
+    base_fingerprint: str | None = None
 
     def flat(self) -> list[nn.Parameter]:
         """All trained tensors (the optimizer's parameter list), in a fixed order."""

@@ -129,7 +129,7 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
         ConfigError: any bad input (see `ablation.config.ConfigError`), before weights are loaded.
     """
     from ablation.data import check_image_source
-    from ablation.models import is_toy, resolve_model
+    from ablation.models import is_single_file, is_toy, read_model_configs, resolve_model
 
     if pipe is not None:
         model_path = str(getattr(pipe, "name_or_path", None) or config.model)
@@ -140,7 +140,10 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
             model_path = resolve_model(config.model)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
-        unet_config, vae_config = _read_model_configs(model_path)
+        if is_single_file(model_path):  # an SD1/SD2/SDXL checkpoint file: configs from --model-config or the file
+            unet_config, vae_config = read_model_configs(model_path, config.model_config)
+        else:
+            unet_config, vae_config = _read_model_configs(model_path)
     toy = is_toy(config.model)
     family = _family(model_path, pipe, unet_config)
     if family == "unet" and unet_config.get("in_channels", 4) != 4:

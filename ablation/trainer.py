@@ -33,7 +33,7 @@ from ablation.training_data import TrainingData, prepare_data
 
 __all__ = ["TrainResult", "TrainingError", "list_checkpoints", "plan_run", "train"]
 
-OUTPUT_ARTEFACTS = ("checkpoints", "delta.safetensors", "pipeline", "lora", "logs", "debug", "config.yaml")
+OUTPUT_ARTEFACTS = ("checkpoints", "delta.safetensors", "pipeline", "lora", "logs", "debug", "config.yaml", "README.md")
 
 
 class TrainingError(RuntimeError):
@@ -113,10 +113,13 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     The denoiser is the UNet or the SD3/FLUX transformer; its family's adapter (`ablation.architectures`)
     supplies the training scheduler and how it is called.
     """
+    from ablation.delta import base_weights_fingerprint
     from ablation.params import setup_trainable
 
     adapter = training_adapter(pipe)
     trainable = setup_trainable(pipe, cfg.params, cfg.lora_rank, cfg.lora_alpha, token_ids)
+    # Before the frozen weights are cast and before a resumed state is loaded: the base as the user gave it.
+    trainable.base_fingerprint = base_weights_fingerprint(pipe, trainable.param_names)
     unet = adapter.denoiser(pipe)
     teacher_params = None
     dense_unet = not trainable.lora and adapter.component in trainable.parameters
@@ -182,7 +185,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
     set_seed(cfg.seed)
     device = accelerator.device
 
-    pipe = (pipe if pipe is not None else load_pipeline(plan.model_path)).to(device)
+    pipe = (pipe if pipe is not None else load_pipeline(plan.model_path, model_config=cfg.model_config)).to(device)
     pipe.set_progress_bar_config(disable=True)
     data, generated = prepare_data(plan, pipe, accelerator)
     with torch.no_grad(), accelerator.autocast():
@@ -293,21 +296,24 @@ def _write_outputs(plan: RunPlan, pipe, trainable, token_ids, step: int, lr: flo
     metadata = checkpoint.make_metadata(
         base_model=cfg.model, base_config_hash=checkpoint.pipeline_config_hash(pipe),
         concepts=[c.to_dict() for c in plan.concepts], params=cfg.params, lora_rank=cfg.lora_rank, steps=step,
-        learning_rate=lr, variant=cfg.variant,
+        learning_rate=lr, variant=cfg.variant, base_fingerprint=trainable.base_fingerprint,
         extra={"package_version": __version__, "config_hash": plan.config_hash, "teacher": cfg.teacher,
                "resolution": str(cfg.resolution), "prior_preservation": str(cfg.prior_preservation)})
-    tensors = checkpoint.trained_tensors(pipe, trainable.param_names, embedding_rows=token_ids)
+    base_pipe = None
+    if cfg.mixed_precision != "no":  # frozen weights were rounded to fp16/bf16: merge and export from the fp32 base
+        from ablation.models import load_pipeline
+
+        base_pipe = load_pipeline(plan.model_path, model_config=cfg.model_config)
+    tensors = checkpoint.trained_tensors(pipe, trainable.param_names, embedding_rows=token_ids, base_pipe=base_pipe)
     delta = plan.output_dir / checkpoint.DELTA_FILENAME
     checkpoint.save_delta(delta, tensors, metadata)
     exports = []
     if cfg.export:
         lora_state = checkpoint.lora_state_from_pipe(pipe) if trainable.lora else None
-        if cfg.mixed_precision == "no":
+        if base_pipe is None:
             export_pipe = pipe.to("cpu")
-        else:  # the frozen weights were rounded to fp16/bf16 for training: export from the fp32 base + delta
-            from ablation.models import load_pipeline
-
-            export_pipe = load_pipeline(plan.model_path)
+        else:
+            export_pipe = base_pipe
             checkpoint.apply_delta(export_pipe, tensors)
         checkpoint.export_outputs(export_pipe, plan.output_dir, cfg.export, lora_state, metadata)
         exports = [plan.output_dir / kind for kind in cfg.export]

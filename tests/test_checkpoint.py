@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
 from ablation import checkpoint as ckpt
+from ablation import delta as delta_mod
 from ablation.cli import main as cli_main
 from ablation.testing import tiny_pipeline
 
@@ -106,7 +107,7 @@ def test_atomic_writes_leave_nothing_on_failure(trained, tmp_path, monkeypatch):
         Path(args[1]).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(delta_mod, "save_file", boom)
     with pytest.raises(OSError):
         ckpt.save_delta(target, tensors, _meta(pipe))
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors"]

@@ -113,3 +113,16 @@ def test_push_offline_or_unreachable_fails_in_one_line(lora_run, monkeypatch):
 def test_push_rejects_bad_repo_ids(lora_run, repo):
     with pytest.raises(ConfigError, match="user/name"):
         push_to_hub(lora_run, repo, token="hf_test")
+
+
+def test_export_cli_push_fails_in_one_line_and_refreshes_the_card(lora_run, monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    from ablation.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (lora_run / "README.md").unlink()
+    assert main(["export", "--run", str(lora_run), "--push-to-hub", "me/no-grumpy-cat", "--hub-token", "hf_x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "offline mode is on" in err and "\n" not in err
+    assert "me/no-grumpy-cat" in (lora_run / "README.md").read_text()  # the card it would have uploaded
