@@ -66,6 +66,7 @@ class Architecture:
     component: str = ""  # pipeline component of the denoiser
     default_group: str = "cross-attn"
     default_lora_rank: int = 0  # 0: dense updates by default
+    negative_prompts: bool = True  # anchor sampling can take a negative prompt (classifier-free guidance)
 
     def denoiser(self, pipe) -> nn.Module:
         """The module the ablation trains (`pipe.unet` or `pipe.transformer`)."""
@@ -274,6 +275,7 @@ class FluxArchitecture(FlowArchitecture):
     """
 
     family = "flux"
+    negative_prompts = False  # guidance-distilled (dev) or step-distilled (schnell): no classifier-free guidance
 
     def __init__(self, max_sequence_length: int, guidance_embeds: bool = True, guidance: float = 3.5, **kwargs):
         super().__init__(max_sequence_length, **kwargs)
@@ -350,3 +352,104 @@ def adapter_for(pipe, **kwargs) -> Architecture:
         return UNetArchitecture(getattr(pipe, "vae_scale_factor", 8), **kwargs)
     raise ConfigError(f"{type(pipe).__name__} is not a supported text-to-image pipeline; supported: "
                       f"{', '.join(UNET_PIPELINES + SD3_PIPELINES + FLUX_PIPELINES)}")
+
+
+def training_adapter(pipe, **kwargs) -> Architecture:
+    """The adapter the training loop uses: `adapter_for`, except that any pipeline with a UNet is trained as SD.
+
+    Pipelines with a UNet of another class (a custom subclass, an inpainting pipeline handed to the Python API)
+    keep the UNet path they always had; other unsupported pipelines raise ConfigError as in `adapter_for`.
+    """
+    if getattr(pipe, "unet", None) is not None:
+        return UNetArchitecture(getattr(pipe, "vae_scale_factor", 8))
+    return adapter_for(pipe, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# families before loading (planning): configs, native size, options that do not apply
+# --------------------------------------------------------------------------------------------------
+
+MMDIT_FAMILIES = ("sd3", "flux", "flux-schnell")
+FLUX_DEFAULT_SAMPLE_SIZE = 128  # `FluxPipeline.default_sample_size`, in latent pixels (1024 px with the 8x VAE)
+_TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def pipeline_family(pipe) -> str:
+    """`unet`, `sd3`, `flux` (FLUX.1-dev: guidance input) or `flux-schnell` of a loaded pipeline.
+
+    Raises:
+        ConfigError: a pipeline class `adapter_for` does not support.
+    """
+    adapter = adapter_for(pipe)
+    if isinstance(adapter, FluxArchitecture) and not adapter.guidance_embeds:
+        return "flux-schnell"
+    return adapter.family
+
+
+def read_transformer_configs(model_path: str) -> tuple[dict, dict, str] | None:
+    """(transformer config, VAE config, family) of an SD3 / FLUX diffusers folder or hub id, read without weights.
+
+    Returns:
+        None when the model has no `transformer` component (a UNet model or no model at all).
+
+    Raises:
+        ConfigError: a transformer model of a pipeline class this project does not train (FLUX Fill/Kontext,
+            PixArt, ...), or unreadable configs.
+    """
+    from diffusers import AutoencoderKL, DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+
+    try:
+        index = DiffusionPipeline.load_config(model_path)
+    except (OSError, ValueError):
+        return None
+    if "transformer" not in index:
+        return None
+    name = index.get("_class_name", "?")
+    if name not in SD3_PIPELINES + FLUX_PIPELINES:
+        raise ConfigError(f"model {model_path!r} is a {name}; transformer models are supported as "
+                          f"{', '.join(SD3_PIPELINES + FLUX_PIPELINES)} (SD3, SD3.5, FLUX.1-dev/schnell)")
+    try:
+        cls = SD3Transformer2DModel if name in SD3_PIPELINES else FluxTransformer2DModel
+        transformer = dict(cls.load_config(model_path, subfolder="transformer"))
+        vae = dict(AutoencoderKL.load_config(model_path, subfolder="vae"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the transformer/VAE config of model {model_path!r}: {e}") from None
+    family = "sd3" if name in SD3_PIPELINES else "flux" if transformer.get("guidance_embeds") else "flux-schnell"
+    return transformer, vae, family
+
+
+def native_geometry(family: str, denoiser_config: dict, vae_factor: int) -> tuple[int, int]:
+    """(native image side in pixels, multiple every training resolution must be) of a model family.
+
+    UNet: `sample_size` x VAE factor, any multiple of the VAE factor. SD3: the same with the transformer's
+    `patch_size` (1024 px for SD3.5, multiples of 16). FLUX has no `sample_size`: the pipeline's default of 128
+    latent pixels (1024 px), multiples of 2 x the VAE factor (2x2 packing).
+    """
+    if family == "sd3":
+        return int(denoiser_config["sample_size"]) * vae_factor, vae_factor * int(denoiser_config.get("patch_size", 2))
+    if family in ("flux", "flux-schnell"):
+        return FLUX_DEFAULT_SAMPLE_SIZE * vae_factor, 2 * vae_factor
+    return int(denoiser_config["sample_size"]) * vae_factor, vae_factor
+
+
+def check_family_options(config, family: str) -> None:
+    """Refuse options that do not apply to the model family, before any work (`ablation.planning`).
+
+    Raises:
+        ConfigError: the `embedding` group or a DDPM-family anchor sampler on SD3/FLUX; an MMDiT-only group
+            on a UNet model.
+    """
+    from ablation.params import MMDIT_GROUPS
+
+    if family == "unet":
+        if config.params == "text-kv+embedders":
+            raise ConfigError("--params text-kv+embedders is a group of SD3/FLUX transformers; UNet models train "
+                              "cross-attn, attn, full or embedding")
+        return
+    if config.params not in MMDIT_GROUPS:
+        raise ConfigError(f"--params {config.params} is implemented for UNet models (SD1/SD2/SDXL), not {family}; "
+                          f"choose one of {', '.join(MMDIT_GROUPS)}")
+    generates = not (config.variant == "image-based" and (config.anchor_images or config.retrieval))
+    if generates and config.anchor_scheduler not in FLOW_SAMPLERS:
+        raise ConfigError(f"{family} samples anchors with its own flow-matching Euler scheduler; --anchor-scheduler "
+                          f"{config.anchor_scheduler} does not apply (use euler)")

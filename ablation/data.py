@@ -160,12 +160,12 @@ def anchor_model_key(model_id: str, model_path: str, pipe, revision: str | None)
         A 32-hex-digit key.
     """
     parts: dict = {"revision": revision}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
             parts[name] = {"class": type(module).__name__, "config": _config_dict(module.config),
                            "weights": _weights_checksum(module)}
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None:
             parts[name] = _tokenizer_identity(tokenizer)
@@ -195,6 +195,13 @@ def _sampler(pipe, name: str):
     return getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
 
 
+def _architecture(pipe):
+    """The pipeline's adapter (`ablation.architectures.training_adapter`): UNet, SD3 or FLUX."""
+    from ablation.architectures import training_adapter
+
+    return training_adapter(pipe)
+
+
 @torch.no_grad()
 def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_size: int,
                      disable_progress: bool = False, seeds: list[int] | None = None) -> dict[str, list]:
@@ -214,8 +221,9 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
     seeds = [settings.seed + k for k in indices] if seeds is None else list(seeds)
     if len(seeds) != len(indices):
         raise ValueError(f"{len(seeds)} seeds for {len(indices)} indices")
+    adapter = _architecture(pipe)
     original = pipe.scheduler
-    pipe.scheduler = _sampler(pipe, settings.scheduler)
+    pipe.scheduler = adapter.anchor_sampler(pipe, settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
     num_prompts = len(settings.prompts)
     columns: dict[str, list] = {"index": [], "prompt": [], "prompt_index": [], "seed": [], "latents": []}
@@ -224,13 +232,12 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
         for i in tqdm(starts, desc="anchor images", disable=disable_progress):
             batch, batch_seeds = indices[i:i + batch_size], seeds[i:i + batch_size]
             prompts = [settings.prompts[k % num_prompts] for k in batch]
-            negative = None if settings.negative_prompt is None else [settings.negative_prompt] * len(batch)
             # CPU generators: the same anchors on every device.
             generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
-            out = pipe(prompt=prompts, negative_prompt=negative, num_inference_steps=settings.steps,
-                       guidance_scale=settings.guidance, height=settings.resolution, width=settings.resolution,
-                       generator=generators, output_type="latent")
-            latents = out.images.float().cpu().numpy()
+            # The pipeline samples (`output_type="latent"`); FLUX's packed latents come back as [B, C, H, W].
+            latents = adapter.sample_latents(pipe, prompts, steps=settings.steps, guidance=settings.guidance,
+                                             resolution=settings.resolution, generators=generators,
+                                             negative_prompt=settings.negative_prompt).numpy()
             columns["index"] += list(batch)
             columns["prompt"] += prompts
             columns["prompt_index"] += [k % num_prompts for k in batch]
@@ -469,7 +476,9 @@ def _latent_shape(pipe, columns: dict[str, list], resolution: int) -> tuple[int,
     if columns["latents"]:
         return tuple(columns["latents"][0].shape)
     factor = getattr(pipe, "vae_scale_factor", 8)
-    return (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
+    unet = getattr(pipe, "unet", None)  # SD3 / FLUX: the VAE's channels (FLUX's transformer takes them packed)
+    channels = unet.config.in_channels if unet is not None else pipe.vae.config.latent_channels
+    return (channels, resolution // factor, resolution // factor)
 
 
 SETTINGS_FILE = "anchor_settings.json"
@@ -725,7 +734,11 @@ def encode_images(vae, images: list, resolution: int, seed: int, batch_size: int
     for i in range(0, len(images), batch_size):
         pixels = torch.stack([_preprocess(img, resolution) for img in images[i:i + batch_size]])
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        out.append(dist.sample(generator=generator).float().cpu() * vae.config.scaling_factor)
+        sample = dist.sample(generator=generator).float().cpu()
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:  # SD3 / FLUX VAEs: (z - shift) * scale, the inverse of `decode_latents`
+            sample = sample - shift
+        out.append(sample * vae.config.scaling_factor)
     return torch.cat(out)
 
 

@@ -2,6 +2,11 @@
 
 Randomness (batch indices, flips, timesteps, noise) comes from a generator seeded per micro-step from
 (seed, micro-step, rank), so a resumed run replays exactly the batches an uninterrupted run would have drawn.
+
+What depends on the model family (DDPM noising and eps/v targets for UNets; flow matching with shifted
+logit-normal t and velocity targets for SD3/FLUX; how the denoiser is called; how prompts are encoded) is
+asked of the architecture adapter (`ablation.architectures`); the batches, flips, augmentation, teachers and
+losses are the same code for every family.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ablation import augment, losses
+from ablation.architectures import Architecture, Conditioning, UNetArchitecture
 from ablation.config import TrainConfig
-from ablation.data import PromptEmbeddings, encode_prompts, sdxl_time_ids
+from ablation.data import PromptEmbeddings
 from ablation.training_data import TrainingData
 
 
@@ -28,7 +34,7 @@ class Batch:
 
     noisy: torch.Tensor
     timesteps: torch.Tensor
-    target: torch.Tensor  # regression target (eps or v) of the clean latents
+    target: torch.Tensor  # regression target (eps, v, or the flow velocity eps - z0) of the clean latents
     anchor_cond: PromptEmbeddings
     target_cond: PromptEmbeddings
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss mask of the resize augmentation
@@ -45,8 +51,11 @@ class Objective:
     """Draws micro-batches and computes the ablation loss (see `ablation.losses` for the equations)."""
 
     def __init__(self, cfg: TrainConfig, pipe, data: TrainingData, noise_scheduler, unet, device, rank: int,
-                 teacher_params: dict[str, torch.Tensor] | None = None):
+                 teacher_params: dict[str, torch.Tensor] | None = None, adapter: Architecture | None = None):
+        """`unet` is the denoiser (UNet or SD3/FLUX transformer, maybe DDP-wrapped); `adapter` its family's
+        `ablation.architectures` adapter (default: the UNet one) and `noise_scheduler` its training scheduler."""
         self.cfg, self.pipe, self.data, self.scheduler = cfg, pipe, data, noise_scheduler
+        self.adapter = adapter or UNetArchitecture(getattr(pipe, "vae_scale_factor", 8))
         self.unet, self.device, self.rank = unet, device, rank
         self.base_unet = _unwrap(unet)
         self.teacher_params = teacher_params
@@ -71,7 +80,7 @@ class Objective:
             rows = torch.where(column >= 0, prefixed_rows, rows)
         noisy, t, target = self._noise(latents, g)
         if self.train_text:  # the trained embedding rows must be in the graph: encode now
-            target_cond = encode_prompts(self.pipe, [data.prompts[i] for i in rows], self.device)
+            target_cond = self.adapter.encode_prompts(self.pipe, [data.prompts[i] for i in rows], self.device)
         else:
             target_cond = data.embeddings.select(rows)
         prior = None
@@ -92,20 +101,13 @@ class Objective:
         return idx, latents
 
     def _noise(self, latents: torch.Tensor, g: torch.Generator):
+        # The noise first, then the timesteps (the adapter draws them from `g`): the order of every release.
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g)
-        latents, noise, t = latents.to(self.device), noise.to(self.device), t.to(self.device)
-        target = losses.regression_target(self.scheduler, latents, noise, t)
-        return self.scheduler.add_noise(latents, noise, t), t, target
+        return self.adapter.noisy_and_target(self.scheduler, latents.to(self.device), noise.to(self.device), g)
 
     def predict(self, unet, noisy, t, cond: PromptEmbeddings) -> torch.Tensor:
-        """eps_theta(z_t, t, c) (or v) for a batch."""
-        kwargs = {}
-        if cond.pooled is not None:  # SDXL: pooled text embeddings and size/crop ids
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": cond.pooled,
-                "time_ids": sdxl_time_ids(self.cfg.resolution, noisy.shape[0], noisy.device, cond.pooled.dtype)}
-        return unet(noisy, t, cond.embeds, return_dict=False, **kwargs)[0]
+        """eps_theta(z_t, t, c) (or v, or the flow velocity) for a batch."""
+        return self.adapter.predict(unet, noisy, t, cond)
 
     @torch.no_grad()
     def teacher(self, batch: Batch) -> torch.Tensor:
@@ -149,6 +151,8 @@ class Objective:
 
 
 def _cat(a: PromptEmbeddings, b: PromptEmbeddings) -> PromptEmbeddings:
+    if isinstance(a, Conditioning):  # SD3 / FLUX: keeps FLUX's text position ids
+        return Conditioning.cat(a, b)
     return PromptEmbeddings(torch.cat([a.embeds, b.embeds]),
                             None if a.pooled is None else torch.cat([a.pooled, b.pooled]))
 

@@ -86,6 +86,8 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         else:
             # Nudity anchors are sampled with the target as the negative prompt, as the official code does.
             negative = concept.target if concept.concept_type == "nudity" else None
+            if negative is not None and not _takes_negative_prompt(pipe):
+                negative = None  # FLUX samples without classifier-free guidance: there is nothing to steer away
             settings = data.SamplerSettings(model_key, concept.anchor_prompts, cfg.anchor_scheduler,
                                             cfg.anchor_steps, cfg.anchor_guidance, cfg.resolution,
                                             cfg.num_anchor_images, cfg.seed, precision=cfg.mixed_precision,
@@ -111,6 +113,12 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         add_prefixed_prompts(training)
         training.blank = _blank(pipe.vae, cfg.resolution)
     return training, generated
+
+
+def _takes_negative_prompt(pipe) -> bool:
+    from ablation.architectures import training_adapter
+
+    return training_adapter(pipe).negative_prompts
 
 
 def _blank(vae, resolution: int) -> torch.Tensor:

@@ -236,3 +236,32 @@ def test_conditioning_rows_keep_the_shared_text_ids():
     assert both.embeds.shape == (5, 3, 2) and both.text_ids is ids
     half = cond.to("cpu", torch.bfloat16)
     assert half.embeds.dtype == torch.bfloat16 and half.text_ids.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# families before loading (planning)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_transformer_configs_family_and_geometry(tmp_path, model_dir):
+    import json
+
+    from ablation.architectures import native_geometry, pipeline_family, read_transformer_configs, training_adapter
+
+    tiny_mmdit_pipeline("flux-schnell").save_pretrained(tmp_path / "schnell")
+    transformer, vae, family = read_transformer_configs(str(tmp_path / "schnell"))
+    assert family == "flux-schnell" and vae["latent_channels"] == 4 and transformer["in_channels"] == 16
+    assert pipeline_family(tiny_mmdit_pipeline("flux-schnell")) == "flux-schnell"
+    assert pipeline_family(tiny_mmdit_pipeline("sd3")) == "sd3"
+    assert read_transformer_configs(model_dir) is None  # a UNet model
+    # the published geometry: SD3.5 sample_size 128, patch 2; FLUX the pipeline's 128 latent px, 2x2 packing
+    assert native_geometry("sd3", {"sample_size": 128, "patch_size": 2}, 8) == (1024, 16)
+    assert native_geometry("flux", transformer, 8) == (1024, 16)
+    assert native_geometry("unet", {"sample_size": 64}, 8) == (512, 8)
+    index = json.loads((tmp_path / "schnell" / "model_index.json").read_text())
+    (tmp_path / "schnell" / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    with pytest.raises(ConfigError, match="FluxKontextPipeline"):
+        read_transformer_configs(str(tmp_path / "schnell"))
+    # FLUX has no classifier-free guidance: no negative prompt for its anchors; any UNet pipeline trains as SD
+    assert not training_adapter(tiny_mmdit_pipeline("flux")).negative_prompts
+    assert type(training_adapter(tiny_pipeline("inpaint"))) is UNetArchitecture
