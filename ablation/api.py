@@ -148,7 +148,8 @@ def ablate(pipe_or_model_id, target: str | Sequence[str] | None = None, anchor: 
         overrides.setdefault("model", str(pipe_or_model_id))
     else:
         pipe = pipe_or_model_id
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)  # SD1/2/XL or SD3/FLUX
+        if denoiser is None or not hasattr(pipe, "vae"):
             raise ConfigError(f"ablate() needs a diffusers text-to-image pipeline or a model id, got "
                               f"{type(pipe).__name__}")
         overrides["model"] = _model_name(pipe, overrides.get("model"))
@@ -184,7 +185,7 @@ def _ready_for_inference(pipe, config: TrainConfig) -> None:
     """
     import torch
 
-    unet = pipe.unet
+    unet = getattr(pipe, "unet", None) or pipe.transformer  # the denoiser: UNet, or SD3/FLUX transformer
     unet.eval()
     if config.gradient_checkpointing and hasattr(unet, "disable_gradient_checkpointing"):
         unet.disable_gradient_checkpointing()

@@ -143,3 +143,17 @@ def test_evaluate_returns_the_report_and_refreshes_the_card(model_dir, tmp_path)
     assert all(f"(eval/{g})" in card for g in report["files"]["grids"])
     with pytest.raises(ConfigError, match="unknown_setting"):
         ablation.evaluate(result, unknown_setting=1)
+
+
+def test_sd3_pipeline_in_memory(tmp_path):
+    from ablation.testing import tiny_mmdit_pipeline
+
+    pipe = tiny_mmdit_pipeline("sd3")
+    result = ablation.ablate(pipe, target="Grumpy Cat", anchor="Cat", resolution=16, num_anchor_images=4,
+                             anchor_steps=2, max_steps=3, train_batch_size=2, learning_rate=1e-2,
+                             prior_preservation=False, cache_dir=str(tmp_path / "c"))
+    assert result.config.lora_rank == 16 and result.config.anchor_scheduler == "euler"  # the MMDiT defaults
+    assert not pipe.transformer.training
+    lora_b = [v for k, v in pipe.transformer.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+    assert result.metrics["final_loss"] < result.metrics["initial_loss"]
