@@ -102,6 +102,10 @@ class TrainConfig:
         "add the denoising loss on anchor images with anchor prompts (default: on when the target prompt contains "
         "the anchor word, and for nudity/memorization)", default=None)
     prior_weight: float | None = _help("weight lambda of the prior-preservation loss", default=None)
+    preserve_weight: float | None = _help(
+        "weight of the control-prompt penalty: how much the trained text key/value projections may change the "
+        "tokens of prompts outside the ablated families (ablation/preserve.py; an addition to the paper, 0 = off; "
+        "default: on for the toy model's cross-attention runs, off in the paper setting)", default=None)
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float | None = _help("AdamW learning rate (base rate if --scale-lr)", default=None)
@@ -395,6 +399,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 #: per-element mean, so its ablation term weighs 4x (4 latent channels); under Adam, which ignores a common
 #: scale of the loss, lambda 1 there equals lambda 0.25 with this project's per-element means.
 PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor_images=1000, teacher="same",
+                                    preserve_weight=0.0,
                                     anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=6.0)
 
 #: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
@@ -414,6 +419,7 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
                          augment=False),
 }
 TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=128, teacher="frozen",
+                                  preserve_weight=0.0,
                                   anchor_scheduler="ddim", anchor_steps=25, anchor_guidance=6.0)
 
 

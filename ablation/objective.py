@@ -60,6 +60,7 @@ class Objective:
         self.base_unet = _unwrap(unet)
         self.teacher_params = teacher_params
         self.lora = getattr(self.base_unet, "_hf_peft_config_loaded", False)
+        self.preservation = None  # set by the trainer when --preserve-weight > 0
         self.train_text = cfg.params == "embedding"
 
     def batch(self, micro_step: int, batch_size: int | None = None, seed_rank: int | None = None) -> Batch:
@@ -147,6 +148,10 @@ class Objective:
             prior_loss = losses.prior_preservation_loss(prior_pred, prior.target, cfg.prior_weight)
             parts["prior"] = float(prior_loss.detach())
             total = total + prior_loss
+        if self.preservation is not None:  # other prompts' text keys/values stay put (ablation/preserve.py)
+            penalty = self.preservation()
+            parts["preserve"] = float(penalty.detach())
+            total = total + cfg.preserve_weight * penalty
         return total, parts
 
 

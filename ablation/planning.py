@@ -79,8 +79,10 @@ def slug(text: str, max_bytes: int = SLUG_MAX_BYTES) -> str:
     if len(name.encode()) <= max_bytes:
         return name
     budget = max_bytes - len(digest) - 1
-    head = name.encode()[:budget].decode(errors="ignore").rstrip("-")
-    return f"{head}-{digest}"
+    head = name.encode()[:budget].decode(errors="ignore")
+    if "-" in head[len(head) // 2:]:  # end on a whole word when one ends in the second half
+        head = head.rsplit("-", 1)[0]
+    return f"{head.rstrip('-')}-{digest}"
 
 
 def _num_processes() -> int:

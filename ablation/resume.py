@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ablation.config import ConfigError
 from ablation.io import atomic_write_text
@@ -51,8 +52,6 @@ def weights_checksum(trainable) -> str:
 
 def register_state_hooks(accelerator, trainable) -> None:
     """Checkpoints hold only the trained tensors (not whole models), plus accelerate's optimizer/RNG state."""
-    from safetensors.torch import load_file, save_file
-
     def save_hook(models, weights, output_dir):
         weights.clear()  # accelerate would otherwise save every prepared model in full
         if accelerator.is_main_process:
@@ -71,18 +70,26 @@ def register_state_hooks(accelerator, trainable) -> None:
 
 
 def save_checkpoint(accelerator, plan, step: int) -> Path:
-    """`accelerator.save_state` into `checkpoints/checkpoint-<step>`, rotating old ones (every process calls)."""
+    """`accelerator.save_state` into `checkpoints/checkpoint-<step>`, then rotate old ones (every process calls).
+
+    Old checkpoints are removed only once the new one is complete, so a failed save (a full disk) leaves the
+    last good checkpoint in place; the incomplete new folder is removed.
+    """
     cfg = plan.config
     path = plan.output_dir / "checkpoints" / f"checkpoint-{step}"
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete
+            state = {"step": step, "config_hash": plan.config_hash, "num_processes": accelerator.num_processes}
+            atomic_write_text(path / STATE_FILE, json.dumps(state))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and cfg.checkpoints_total_limit:
         existing = list_checkpoints(plan.output_dir)
-        for old in existing[:max(0, len(existing) - cfg.checkpoints_total_limit + 1)]:
+        for old in existing[:max(0, len(existing) - cfg.checkpoints_total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete
-        state = {"step": step, "config_hash": plan.config_hash, "num_processes": accelerator.num_processes}
-        atomic_write_text(path / STATE_FILE, json.dumps(state))
-    accelerator.wait_for_everyone()
     return path
-

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
+import errno
+import os
+import shutil
 import sys
+import traceback
 import types
 import typing
 from typing import Literal
 
 from ablation.config import ConfigError, TrainConfig, build_config, unknown_key_error
+from ablation.quiet import quiet_libraries
 
 EXAMPLES = """examples:
   accelerate launch ablate.py --target "Grumpy Cat" --anchor "Cat"
@@ -74,8 +78,8 @@ def parse_config(argv: list[str]) -> TrainConfig:
         raise ConfigError(str(e)) from None
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise unknown_key_error(flag.split("=")[0].lstrip("-"), "option") if flag.startswith("-") else \
-            ConfigError(f"unexpected argument {flag!r}")
+        raise unknown_key_error(flag.split("=")[0].lstrip("-"), "option", as_flag=True) if flag.startswith("-") \
+            else ConfigError(f"unexpected argument {flag!r}")
     overrides = vars(namespace)
     yaml_path = overrides.pop("config", None)
     return build_config(yaml_path, overrides)
@@ -95,25 +99,85 @@ def _summary(result, model: str) -> str:
     return "\n".join(lines)
 
 
+def _error(e: BaseException) -> str:
+    """`error: ...` on one line (library messages may span several).
+
+    The failed run's frames are cleared first: their progress bars close (printing their last state before
+    the error, not after it) and the run's lock is dropped.
+    """
+    traceback.clear_frames(e.__traceback__)
+    return "error: " + " ".join(str(e).split())
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded", "StorageFull", "file write failed")
+
+
+def _is_out_of_space(e: BaseException | None) -> bool:
+    """A full disk, as OSError or as the writers wrap it (torch.save: RuntimeError, safetensors: its own error)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(e) for text in _NO_SPACE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _out_of_space(e: BaseException, output_dir) -> str:
+    from ablation.resume import list_checkpoints
+
+    kept = list_checkpoints(output_dir) if output_dir is not None else []
+    filename = getattr(e, "filename", None)
+    where = f" writing {filename}" if filename else ""
+    return (f"error: no space left on the device{where}; free some space and continue with "
+            f"--resume-from-checkpoint latest (last good checkpoint: {kept[-1] if kept else 'none'})")
+
+
+def _remove_if_unused(output_dir, existed: bool) -> None:
+    """A run that failed on bad input leaves no folder it created (only its own lock file may be in it)."""
+    from ablation.runlock import LOCK_NAME, release
+
+    release(output_dir)
+    if existed or not output_dir.is_dir():
+        return
+    if all(p.name == LOCK_NAME for p in output_dir.iterdir()):
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 = bad input, 1 = training failed)."""
+    """Entry point; returns the exit status (2 = bad input, 1 = training failed or the disk is full)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_config(argv)
+    except ConfigError as e:
+        print(_error(e), file=sys.stderr)
+        return 2
+    quiet_libraries(verbose=bool(os.environ.get("ABLATION_VERBOSE")))
+    try:
         from ablation.trainer import TrainingError, plan_run, train
 
         plan = plan_run(config)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(_error(e), file=sys.stderr)
         return 2
+    existed = plan.output_dir.exists()
     try:
         result = train(config, plan)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from ablation.runlock import RunLockedError
+
+        if not isinstance(e, RunLockedError):  # the holder's folder is not ours to clean
+            _remove_if_unused(plan.output_dir, existed)
+        print(_error(e), file=sys.stderr)
         return 2
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(_error(e), file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not _is_out_of_space(e):
+            raise
+        traceback.clear_frames(e.__traceback__)
+        print(_out_of_space(e, plan.output_dir), file=sys.stderr)
         return 1
     from accelerate import PartialState
 

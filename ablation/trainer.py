@@ -125,6 +125,12 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     dense_unet = not trainable.lora and adapter.component in trainable.parameters
     if cfg.variant == "model-based" and cfg.teacher == "frozen" and dense_unet:
         teacher_params = {n: p.detach().clone() for n, p in trainable.parameters[adapter.component].items()}
+    preservation = None
+    if cfg.preserve_weight and data.control_rows is not None and adapter.component == "unet":
+        from ablation.preserve import KVPreservation, second_moment
+
+        moment = second_moment(data.embeddings.embeds[data.control_rows]).to(accelerator.device)
+        preservation = KVPreservation(unet, None if trainable.lora else trainable.parameters.get("unet", {}), moment)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     _cast_frozen([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], weight_dtype)
     if cfg.gradient_checkpointing:
@@ -140,6 +146,7 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     noise_scheduler = adapter.training_scheduler(pipe)  # UNet: DDPM; SD3/FLUX: flow matching
     objective = Objective(cfg, pipe, data, noise_scheduler, unet, accelerator.device, accelerator.process_index,
                           teacher_params, adapter)
+    objective.preservation = preservation
     return unet, optimizer, trainable, objective, lr
 
 

@@ -26,6 +26,7 @@ class TrainingData:
     prompts: list[str]
     embeddings: PromptEmbeddings | None = None
     prefix_rows: torch.Tensor | None = None  # [len(prompts), 4], -1 for rows that are not target prompts
+    control_rows: torch.Tensor | None = None  # rows of the control prompts (`ablation.preserve`)
     blank: torch.Tensor | None = None  # latent of the augmentation's grey canvas
 
 
@@ -112,6 +113,12 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
     if cfg.augment:
         add_prefixed_prompts(training)
         training.blank = _blank(pipe.vae, cfg.resolution)
+    if cfg.preserve_weight:
+        from ablation.preserve import control_prompts
+
+        controls = control_prompts(plan.concepts, plan.toy)
+        training.control_rows = torch.arange(len(training.prompts), len(training.prompts) + len(controls))
+        training.prompts.extend(controls)
     return training, generated
 
 

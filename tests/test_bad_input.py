@@ -1,6 +1,9 @@
 """Bad input fails with `error: ...` and exit status 2 before any expensive work (no weights are loaded)."""
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +17,9 @@ def inpaint_dir(model_dirs):
     return model_dirs["inpaint"]
 
 
+_real_load_pipeline = models.load_pipeline
+
+
 @pytest.fixture(autouse=True)
 def no_weights(monkeypatch):
     def forbidden(*args, **kwargs):
@@ -22,10 +28,19 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(models, "load_pipeline", forbidden)
 
 
-def _fails(capsys, argv, match):
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _fails(capsys, argv, match, root: Path | None = None):
+    """Exit 2, one line `error: ...` containing `match`, and (given `root`) nothing under `root` written."""
+    before = _tree(root) if root is not None else None
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    if root is not None:
+        assert _tree(root) == before, "bad input must write nothing"
 
 
 def _args(model_dir, tmp_path, *extra, target="Grumpy Cat", anchor="Cat"):
@@ -34,51 +49,54 @@ def _args(model_dir, tmp_path, *extra, target="Grumpy Cat", anchor="Cat"):
 
 
 def test_missing_model_path(tmp_path, capsys):
-    _fails(capsys, _args(str(tmp_path / "nope"), tmp_path), "does not exist")
+    _fails(capsys, _args(str(tmp_path / "nope"), tmp_path), "does not exist", root=tmp_path)
 
 
 def test_target_equal_to_anchor(model_dir, tmp_path, capsys):
-    _fails(capsys, _args(model_dir, tmp_path, target="cat", anchor="Cat"), "equals its anchor")
+    _fails(capsys, _args(model_dir, tmp_path, target="cat", anchor="Cat"), "equals its anchor", root=tmp_path)
 
 
 def test_empty_strings(model_dir, tmp_path, capsys):
-    _fails(capsys, _args(model_dir, tmp_path, target="", anchor="Cat"), "empty target or anchor")
-    _fails(capsys, _args("", tmp_path), "--model is empty")
+    _fails(capsys, _args(model_dir, tmp_path, target="", anchor="Cat"), "empty target or anchor", root=tmp_path)
+    _fails(capsys, _args("", tmp_path), "--model is empty", root=tmp_path)
 
 
 def test_unknown_parameter_group_and_concept_type(model_dir, tmp_path, capsys):
-    _fails(capsys, _args(model_dir, tmp_path, "--params", "everything"), "invalid choice: 'everything'")
-    _fails(capsys, _args(model_dir, tmp_path, "--concept-type", "vibe"), "invalid choice: 'vibe'")
+    _fails(capsys, _args(model_dir, tmp_path, "--params", "everything"), "invalid choice: 'everything'", root=tmp_path)
+    _fails(capsys, _args(model_dir, tmp_path, "--concept-type", "vibe"), "invalid choice: 'vibe'", root=tmp_path)
 
 
 def test_resolution_not_divisible_by_the_vae_factor(model_dir, tmp_path, capsys):
-    _fails(capsys, _args(model_dir, tmp_path, "--resolution", "33"), "not divisible by the VAE factor 2")
+    _fails(capsys, _args(model_dir, tmp_path, "--resolution", "33"), "not divisible by the VAE factor 2", root=tmp_path)
 
 
 def test_yaml_with_unknown_keys(model_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": model_dir, "target": ["A"], "anchor": ["cat"], "max_step": 3}))
-    _fails(capsys, ["--config", str(recipe)], "'max_step'")
+    _fails(capsys, ["--config", str(recipe)], "'max_step'", root=tmp_path)
 
 
 def test_unknown_flag(model_dir, tmp_path, capsys):
-    _fails(capsys, _args(model_dir, tmp_path, "--lora-rnak", "4"), "unknown option 'lora-rnak'")
+    _fails(capsys, _args(model_dir, tmp_path, "--lora-rnak", "4"), "unknown option 'lora-rnak'", root=tmp_path)
 
 
 def test_mismatched_target_and_anchor_counts(model_dir, tmp_path, capsys):
-    _fails(capsys, _args(model_dir, tmp_path, "--target", "Snoopy"), "2 --target and 1 --anchor")
+    _fails(capsys, _args(model_dir, tmp_path, "--target", "Snoopy"), "2 --target and 1 --anchor", root=tmp_path)
 
 
 def test_non_empty_output_directory(model_dir, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    _fails(capsys, _args(model_dir, tmp_path), "is not empty; pass --overwrite")
+    _fails(capsys, _args(model_dir, tmp_path), "is not empty; pass --overwrite", root=tmp_path)
 
 
 def test_missing_checkpoint_and_prompt_sources(model_dir, tmp_path, capsys):
-    _fails(capsys, _args(model_dir, tmp_path, "--resume-from-checkpoint", str(tmp_path / "ck")), "does not exist")
-    _fails(capsys, _args(model_dir, tmp_path, target="Nessie", anchor="monster"), "no anchor prompts for anchor")
-    _fails(capsys, _args(model_dir, tmp_path, "--anchor-prompts", str(tmp_path / "p.txt")), "does not exist")
+    _fails(capsys, _args(model_dir, tmp_path, "--resume-from-checkpoint", str(tmp_path / "ck")), "does not exist",
+           root=tmp_path)
+    _fails(capsys, _args(model_dir, tmp_path, target="Nessie", anchor="monster"), "no anchor prompts for anchor",
+           root=tmp_path)
+    _fails(capsys, _args(model_dir, tmp_path, "--anchor-prompts", str(tmp_path / "p.txt")), "does not exist",
+           root=tmp_path)
 
 
 def test_image_sources(model_dir, tmp_path, capsys):
@@ -90,7 +108,7 @@ def test_image_sources(model_dir, tmp_path, capsys):
 
 
 def test_inpainting_model(inpaint_dir, tmp_path, capsys):
-    _fails(capsys, _args(inpaint_dir, tmp_path), "9-channel UNet")
+    _fails(capsys, _args(inpaint_dir, tmp_path), "9-channel UNet", root=tmp_path)
 
 
 def test_fp16_on_cpu(model_dir, tmp_path, capsys):
@@ -102,5 +120,101 @@ def test_fp16_on_cpu(model_dir, tmp_path, capsys):
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    _fails(capsys, _args(model_dir, tmp_path, "--mixed-precision", "fp16"), "use bf16 or no on CPU")
+    _fails(capsys, _args(model_dir, tmp_path, "--mixed-precision", "fp16"), "use bf16 or no on CPU", root=tmp_path)
     AcceleratorState._reset_state(True)
+
+
+def test_invalid_yaml(model_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target: [Grumpy Cat\nanchor: cat\n")
+    _fails(capsys, ["--config", str(recipe)], "r.yaml is not valid YAML (line", root=tmp_path)
+    recipe.write_bytes(b"target: \xff\xfe\n")
+    _fails(capsys, ["--config", str(recipe)], "is not UTF-8 text", root=tmp_path)
+
+
+def test_output_dir_that_is_a_file(model_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    argv = _args(model_dir, tmp_path)
+    argv[argv.index("--output-dir") + 1] = str(afile)
+    _fails(capsys, argv, "is a file, not a directory", root=tmp_path)
+
+
+def test_output_dir_that_cannot_be_created(model_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    argv = _args(model_dir, tmp_path)
+    argv[argv.index("--output-dir") + 1] = str(tmp_path / "afile" / "run")
+    _fails(capsys, argv, "is a file", root=tmp_path)
+
+
+@pytest.mark.parametrize("flag, value", [("--learning-rate", "nan"), ("--learning-rate", "inf"),
+                                         ("--max-grad-norm", "nan"), ("--prior-weight", "inf"),
+                                         ("--anchor-guidance", "-inf"), ("--lora-alpha", "nan"),
+                                         ("--adam-weight-decay", "inf")])
+def test_non_finite_numbers(model_dir, tmp_path, capsys, flag, value):
+    _fails(capsys, _args(model_dir, tmp_path, f"{flag}={value}"), f"{flag} must be a finite number", root=tmp_path)
+
+
+def test_non_finite_numbers_in_yaml(tmp_path):
+    from ablation.config import ConfigError, build_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target: [A]\nanchor: [B]\nlearning_rate: .nan\n")
+    with pytest.raises(ConfigError, match="--learning-rate must be a finite number"):
+        build_config(str(recipe))
+    recipe.write_text("target: [A]\nanchor: [B]\nprior_weight: .inf\n")
+    with pytest.raises(ConfigError, match="--prior-weight must be a finite number"):
+        build_config(str(recipe))
+
+
+def test_unknown_flag_hint_uses_the_flag_spelling(model_dir, tmp_path, capsys):
+    _fails(capsys, _args(model_dir, tmp_path, "--max-stesp", "3"), "did you mean --max-steps?", root=tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target: [A]\nanchor: [cat]\nmax_stesp: 3\n")
+    _fails(capsys, ["--config", str(recipe)], "did you mean 'max_steps'?", root=tmp_path)  # YAML keeps its key
+
+
+def test_a_late_check_writes_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    """A check that fails after the weights are loaded (here: the optimizer) leaves no folder and no config.yaml."""
+    from ablation import trainer
+
+    monkeypatch.setattr(models, "load_pipeline", _real_load_pipeline)
+
+    def late_check(*args, **kwargs):
+        raise trainer.ConfigError("--use-8bit-adam needs a working bitsandbytes (simulated)")
+
+    monkeypatch.setattr(trainer, "_make_optimizer", late_check)
+    argv = _args(model_dir, tmp_path, "--resolution", "32", "--num-anchor-images", "2", "--anchor-steps", "1",
+                 "--max-steps", "1")
+    for existed in (False, True):
+        if existed:  # an existing empty folder stays, still without config.yaml
+            (tmp_path / "out").mkdir()
+        assert main(argv) == 2
+        err = capsys.readouterr().err  # the anchor progress bar came before the check
+        assert err.splitlines()[-1] == "error: --use-8bit-adam needs a working bitsandbytes (simulated)"
+        if existed:
+            assert [p.name for p in (tmp_path / "out").iterdir() if p.name != ".lock"] == []
+        else:
+            assert not (tmp_path / "out").exists()
+
+
+def test_accelerate_launch_input_error(tmp_path):
+    """Under `accelerate launch --quiet` (launcher values given) an input error is one line; the launcher says 1."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**_clean_env(), "HF_HOME": str(tmp_path / "hf")}  # no accelerate config of the machine
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--quiet", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "ablate.py"),
+           "--target", "X", "--anchor", "x"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.stderr.splitlines() == ["error: target 'X' equals its anchor; the anchor must be a different concept"]
+    assert proc.returncode == 1  # accelerate's launcher turns every failed child into 1 (README)
+    direct = subprocess.run([sys.executable, str(root / "ablate.py"), "--target", "X", "--anchor", "x"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert direct.returncode == 2 and len(direct.stderr.splitlines()) == 1, direct.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the launcher's config
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TQDM_"))}

@@ -1,6 +1,10 @@
 """Configuration: precedence, YAML, flags, defaults table, prompt derivation."""
 
+import dataclasses
+import types
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -47,7 +51,8 @@ def test_yaml_concepts_and_repeatable_flags(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--target", "A", "--anchor", "B", "--lerning-rate", "1"], "unknown option 'lerning-rate'.*learning_rate"),
+    (["--target", "A", "--anchor", "B", "--lerning-rate", "1"],
+     "unknown option 'lerning-rate'; did you mean --learning-rate"),
     (["--target", "A", "--anchor", "B", "--target", "C"], "2 --target and 1 --anchor"),
     (["--target", "Cat", "--anchor", "cat"], "equals its anchor"),
     (["--target", " ", "--anchor", "cat"], "empty target"),
@@ -72,11 +77,57 @@ def test_unknown_yaml_keys_are_named(tmp_path):
         build_config(_yaml(tmp_path, {"target": ["A"], "anchor": ["B"], "max_steps": "many"}))
 
 
-def test_every_flag_is_a_field_and_help_renders():
+def _sample(name, hint, default):
+    """A valid non-default command-line value for a field: (argv after the flag, expected field value)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    special = {"anchor_images": (["imgs"], "imgs"), "retrieval": (None, True), "export": (["lora"], ["lora"]),
+               "lora_rank": (["3"], 3), "target": (["T"], ["T"]), "anchor": (["A"], ["A"])}
+    if name in special:
+        return special[name]
+    if hint is bool:
+        return None, True
+    if origin is Literal:
+        value = next(a for a in args if a != default)
+        return [value], value
+    if origin is list:
+        item = typing.get_args(hint)[0]
+        value = typing.get_args(item)[-1] if typing.get_origin(item) is Literal else "x"
+        return [value], [value]
+    if hint is int:
+        return ["7"], 7
+    if hint is float:
+        return ["0.25"], 0.25
+    return ["some/value"], "some/value"
+
+
+def test_every_field_is_a_flag_that_sets_it():
+    """All fields but the YAML-only `concepts`: each flag is in --help and sets its field."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "concepts"]
+    assert len(fields) == len(dataclasses.fields(TrainConfig)) - 1 >= 40
     text = build_parser().format_help()
-    for flag in ("--lora-rank", "--prior-preservation", "--no-prior-preservation", "--anchor-scheduler",
-                 "--resume-from-checkpoint", "--teacher", "--scale-lr", "--report-to", "--hflip"):
-        assert flag in text
+    base = ["--target", "T", "--anchor", "A"]
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        values, expected = _sample(f.name, hints[f.name], default)
+        extra = ["--variant", "image-based"] if f.name in ("anchor_images", "retrieval") else []
+        extra += ["--lora-rank", "2"] if f.name == "export" else []
+        argv = ([] if f.name in ("target", "anchor") else base) + extra + [flag] + (values or [])
+        if f.name == "target":
+            argv += ["--anchor", "A"]
+        if f.name == "anchor":
+            argv += ["--target", "T"]
+        config = parse_config(argv)
+        assert getattr(config, f.name) == expected, (flag, getattr(config, f.name))
+        assert expected != default, f"{flag}: the sample must differ from the default to prove the flag works"
+        if hints[f.name] in (bool, bool | None):
+            assert f"--no-{flag[2:]}" in text
+            assert getattr(parse_config(base + extra + [f"--no-{flag[2:]}"]), f.name) is False
 
 
 def test_defaults_table_toy_versus_paper():

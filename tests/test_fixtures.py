@@ -1,7 +1,5 @@
 """The tiny pipelines: each family builds fast, runs, saves and reloads with identical output."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -23,9 +21,13 @@ def _run(pipe, kind):
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_tiny_pipeline_builds_runs_and_round_trips(kind, tmp_path):
-    start = time.perf_counter()
     pipe = tiny_pipeline(kind)
-    assert time.perf_counter() - start < 2.0
+    # "Tiny" as a property, not a timing (the 2 CI cores are shared): the text encoder's 49408-token
+    # embedding is most of it; every fixture stays far below a real model's hundreds of millions.
+    sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in pipe.components.items()
+             if isinstance(m, torch.nn.Module)}
+    assert sum(sizes.values()) < 3_000_000, sizes
+    assert sizes["unet"] < 500_000, sizes
     images = _run(pipe, kind)
     assert images.shape == (1, 32, 32, 3)  # upscale: 8 px in, x4 out
     pipe.save_pretrained(tmp_path)

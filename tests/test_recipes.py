@@ -48,23 +48,37 @@ def test_recipe_header_gives_its_launch_command(path):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=_rel)
-def test_recipe_prompt_files_exist_and_prompts_derive(path):
+def test_recipe_prompt_files_exist_and_prompts_derive(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # users launch recipes from anywhere: their input paths are relative to the file
     config = build_config(str(path))
     specs = config.concept_specs()
     for spec in specs:
         if spec.anchor_prompts:
-            assert (ROOT / spec.anchor_prompts).is_file(), f"{_rel(path)}: missing prompt file {spec.anchor_prompts}"
-    concepts = resolve_concepts(_rooted(specs), toy=config.model == "toy")
+            assert Path(spec.anchor_prompts).is_file(), f"{_rel(path)}: missing prompt file {spec.anchor_prompts}"
+    concepts = resolve_concepts(specs, toy=config.model == "toy")
     for concept in concepts:
         assert concept.anchor_prompts and len(concept.target_prompts) == len(concept.anchor_prompts)
 
 
-def _rooted(specs):
-    # Prompt files are relative to the repository root (where `accelerate launch ablate.py` runs).
-    import dataclasses
-
-    return [dataclasses.replace(s, anchor_prompts=str(ROOT / s.anchor_prompts)) if s.anchor_prompts else s
-            for s in specs]
+def test_recipe_input_paths_are_relative_to_the_recipe(tmp_path, monkeypatch):
+    (tmp_path / "recipes" / "prompts").mkdir(parents=True)
+    (tmp_path / "recipes" / "prompts" / "p.txt").write_text("a photo of a cat\n")
+    (tmp_path / "recipes" / "imgs").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "concepts": [{"target": "Grumpy Cat", "anchor": "cat", "anchor_prompts": "prompts/p.txt"}],
+        "variant": "image-based", "anchor_images": "imgs", "output_dir": "outputs/r", "cache_dir": "cache"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = build_config("../recipes/r.yaml")
+    assert Path(config.concepts[0]["anchor_prompts"]).resolve() == (tmp_path / "recipes/prompts/p.txt").resolve()
+    assert Path(config.anchor_images).resolve() == (tmp_path / "recipes/imgs").resolve()
+    assert (config.output_dir, config.cache_dir) == ("outputs/r", "cache")  # outputs: where the run is launched
+    # a flag on the command line is relative to the current directory, as any flag
+    assert build_config("../recipes/r.yaml", {"anchor_images": "mine"}).anchor_images == "mine"
+    (concept,) = resolve_concepts(config.concept_specs(), toy=False)
+    assert concept.target_prompts == ("a photo of a Grumpy Cat",)
 
 
 def test_every_toy_family_has_a_recipe():
