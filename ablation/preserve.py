@@ -4,7 +4,7 @@ The paper's objective only looks at anchor images under target and anchor prompt
 shared key/value projections from drifting for every other prompt too (on the toy world the default grumpy-cat
 ablation turned robots orange). In a UNet the text enters only through `attn2.to_k` / `attn2.to_v`, linear maps
 of the text encoder's token embeddings e, so an update dW changes another prompt exactly by dW e. This module
-penalises that change on the tokens of a set of control prompts (other concepts than the target's family):
+penalises that change on the tokens of a set of control prompts (every concept but the target):
 
     P = mean over trained K/V layers of  E_e ||dW e||^2 / E_e ||W0 e||^2  =  tr(dW C dW^T) / tr(W0 C W0^T),
 
@@ -79,26 +79,24 @@ class KVPreservation:
 
 
 def control_prompts(concepts, toy: bool, limit: int = 256) -> list[str]:
-    """Prompts of concepts outside every ablated family: the toy catalogue's other families, or the bundled
-    anchor-prompt lists of other anchors (real models). At most `limit`, spread evenly."""
-    ablated = {c.anchor.lower() for c in concepts} | {c.target.lower() for c in concepts}
+    """Prompts of every concept but the ablated targets: the anchors themselves, their neighbours and everything
+    else (the toy catalogue's classes, or the bundled anchor-prompt lists on real models). At most `limit`,
+    spread evenly. The anchor belongs here too: the loss moves target prompts towards it, never the reverse."""
+    targets = {c.target.lower() for c in concepts}
     prompts: list[str] = []
     if toy:
         from ablation.toyworld import catalog
 
         for family in catalog().families.values():
-            classes = {c.lower() for c in family.classes}
-            if classes & ablated:
-                continue
             for concept in family.classes:
-                prompts += family.prompts_for(concept, "train")
+                if concept.lower() not in targets:
+                    prompts += family.prompts_for(concept, "train")
     else:
         from ablation.concepts import bundled_prompt_lists, read_prompts
 
-        for anchor, path in bundled_prompt_lists().items():
-            if anchor not in ablated:
-                prompts += read_prompts(path)
-    prompts = list(dict.fromkeys(prompts))
+        for path in bundled_prompt_lists().values():
+            prompts += read_prompts(path)
+    prompts = [p for p in dict.fromkeys(prompts) if not any(t in p.lower() for t in targets)]
     if len(prompts) > limit:
         step = len(prompts) / limit
         prompts = [prompts[int(i * step)] for i in range(limit)]
