@@ -91,8 +91,8 @@ def style_variants(anchor_prompt: str, target: str) -> tuple[str, str, str]:
     return f"{anchor_prompt}, in the style of {target}", possessive, possessive
 
 
-#: CLIP's BPE vocabulary is ordered by merge frequency: a whole-word token ("van</w>", id 2451) below this id
-#: is a word that many ordinary prompts use.
+#: CLIP's BPE vocabulary is ordered by merge frequency: a whole-word token below this id ("van</w>" 2451, or the
+#: single characters of "r2d2") is a word that many ordinary prompts use.
 COMMON_TOKEN_ID = 10000
 
 
@@ -104,7 +104,7 @@ def common_words(tokenizer, token_ids: list[int]) -> list[str]:
     words = []
     for token_id in token_ids:
         token = tokenizer.convert_ids_to_tokens(int(token_id))
-        if isinstance(token, str) and token.endswith("</w>") and token_id < COMMON_TOKEN_ID and len(token) > 5:
+        if isinstance(token, str) and token.endswith("</w>") and token_id < COMMON_TOKEN_ID:
             words.append(token[:-4])
     return words
 

@@ -191,3 +191,4 @@ def test_embedding_group_warns_about_common_words():
     tokenizer = clip_tokenizer()
     assert common_words(tokenizer, target_token_ids(tokenizer, "Van Gogh", "painting")) == ["van"]
     assert common_words(tokenizer, target_token_ids(tokenizer, "Grumpy Cat", "cat")) == []
+    assert sorted(common_words(tokenizer, target_token_ids(tokenizer, "R2D2", "robot"))) == ["2", "d", "r"]
