@@ -1,7 +1,8 @@
 """The paper's evaluation protocol (Kumari et al., ICCV 2023) for ablated runs, via `ablation.evaluation`.
 
 Volumes: 200 images for the target and for the anchor concept, 50 per surrounding concept, DDIM
-50 steps, guidance 6, fixed seeds; judged with CLIP ViT-L/14 (the toy CLIP for the toy model).
+50 steps, guidance 6, fixed seeds; judged with CLIP ViT-B/32 as the official `evaluate.py` (the toy CLIP
+and the toy concept classifier for the toy model; `--clip-model openai/clip-vit-large-patch14` for ViT-L/14).
 
     python eval/paper_protocol.py --ablated outputs/grumpy_cat_sd14 --base CompVis/stable-diffusion-v1-4
     python eval/paper_protocol.py --ablated outputs/toy/van_gogh --family van_gogh --out reports/van_gogh

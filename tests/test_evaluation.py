@@ -278,9 +278,12 @@ def test_upscale_cli_is_4x_and_reports_psnr(world, tmp_path):
 
 def test_eval_cli_end_to_end_with_cache(world, tmp_path):
     out = tmp_path / "eval"
+    controls = tmp_path / "controls.yaml"
+    controls.write_text("car: [a photo of a car, a red car]\nhorse: {prompts: [a horse], judge: a horse}\n")
     # base model and concepts come from the delta's metadata; the tiny CLIP judges
     args = ["eval", "--ablated", str(world["run"]), "--clip", world["clip"], "--num-samples", "2", "--batch-size",
-            "6", "--kid-subsets", "5", "--out", str(out), *FAST]
+            "6", "--kid-subsets", "5", "--out", str(out), "--control-prompts", str(controls), "--control-samples",
+            "2", *FAST]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["base_model"] == world["sd1"] and report["clip_model"] == world["clip"]
@@ -305,8 +308,17 @@ def test_eval_cli_end_to_end_with_cache(world, tmp_path):
         assert (out / "clip_accuracy.png").exists() and report["files"]["chart"] == "clip_accuracy.png"
     else:
         assert not (out / "clip_accuracy.png").exists() and report["files"].get("chart") is None
+    # collateral damage on the control prompts: same seeds for base and ablated, CLIP over controls + task
+    col = report["collateral"]
+    assert col["controls"] == ["car", "horse"] and col["judges"] == ["clip"] and report["classifier"] is None
+    assert col["clip_labels"] == ["car", "horse", "zorp", "cat"]
+    run = col["runs"]["run_zorp"]
+    assert run["num_images"] == 4 and run["concepts"]["car"]["num_images"] == 2
+    assert 0.0 <= run["changed_fraction"]["clip"] <= 1.0
+    assert col["base"]["changed_fraction"]["clip"] == 0.0  # base against itself
+    assert "## Collateral damage" in md and "| car |" in md
     images = sorted((out / "images").rglob("*.png"))
-    assert len(images) == 64
+    assert len(images) == 2 * (32 + 4)  # 2 models x (2 concepts x 16 + 2 controls x 2)
     stamps = {p: p.stat().st_mtime_ns for p in images}
     # second run: everything comes from the cache, the numbers do not change
     assert main(args) == 0
@@ -322,13 +334,18 @@ def test_evaluate_memorization_rate(world, tmp_path):
     task = adhoc_task("the famous zorp poster", "a poster", "memorization")
     Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "memorized.png")
     settings = EvalSettings(sampling=SamplingSettings(steps=2, height=32, width=32), samples_per_prompt=2,
-                            kid_subsets=3, memorization_threshold=-1.0, grid_prompts=1)
+                            kid_subsets=3, memorization_threshold=-1.0, grid_prompts=1, control_samples=1)
     report = evaluate(world["sd1"], [str(world["run"])], [task], tmp_path / "out", settings, pipe=pipe,
                       judge=ClipJudge(world["clip"], device="cpu"), memorized_image=str(tmp_path / "memorized.png"))
     target = report["results"]["run_zorp"][task.name][task.target]
     assert target["memorization_rate"] == 1.0  # threshold -1: every sample counts
     assert "memorization_rate" not in report["results"]["run_zorp"][task.name]["a poster"]
     assert report["tasks"][0]["memorized_reference"].endswith("memorized.png")
+    # a real (non-toy) base model without --control-prompts: the bundled control set, one image each
+    from ablation.evaluation.collateral import load_controls
+
+    assert report["collateral"]["controls"] == [c.name for c in load_controls()]
+    assert report["collateral"]["runs"]["run_zorp"]["num_images"] == len(load_controls())
 
 
 def test_paper_protocol_passes_the_paper_volumes(monkeypatch):
@@ -345,3 +362,119 @@ def test_paper_protocol_passes_the_paper_volumes(monkeypatch):
     argv = seen[0]
     assert "--paper-volumes" in argv and argv[argv.index("--guidance") + 1] == "6"
     assert argv[-2:] == ["--steps", "20"]  # the caller's flags come last and win
+
+
+# ------------------------------------------------------------------ judges and collateral damage
+
+
+def test_paper_judge_is_clip_vit_b32_with_vit_l14_an_option(monkeypatch, tmp_path):
+    from ablation.evaluation import evaluate as evaluate_module
+    from ablation.evaluation.cli import TOY_EVAL_BATCH, TOY_EVAL_STEPS, eval_main
+    from ablation.evaluation.clip_judge import DEFAULT_CLIP, LARGE_CLIP, default_clip_for
+    from ablation.toyworld import clip_dir
+
+    # the official evaluate.py of Kumari et al. scores CLIP accuracy and CLIP score with ViT-B/32
+    assert DEFAULT_CLIP == "openai/clip-vit-base-patch32" and LARGE_CLIP == "openai/clip-vit-large-patch14"
+    assert default_clip_for("CompVis/stable-diffusion-v1-4") == DEFAULT_CLIP
+    assert default_clip_for("toy") == str(clip_dir())
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: seen.append((a, k)) or {"comparison": {}})
+    base = ["--base", "CompVis/stable-diffusion-v1-4", "--family", "grumpy_cat", "--out", str(tmp_path)]
+    assert eval_main(base) == 0
+    assert eval_main(base + ["--clip-model", LARGE_CLIP]) == 0
+    assert eval_main(base + ["--clip", "some/clip"]) == 0  # the old flag name still works
+    assert eval_main(["--family", "grumpy_cat", "--out", str(tmp_path)]) == 0  # toy model
+    assert [k["clip_model"] for _, k in seen] == [None, LARGE_CLIP, "some/clip", None]
+    settings = [a[4] for a, _ in seen]
+    assert (settings[0].sampling.steps, settings[0].batch_size) == (50, 8)  # the paper's sampler steps
+    assert (settings[3].sampling.steps, settings[3].batch_size) == (TOY_EVAL_STEPS, TOY_EVAL_BATCH)
+    assert all(s.control_samples == 8 for s in settings)
+    assert not list(tmp_path.iterdir())  # evaluate was replaced: nothing written
+
+
+def test_eval_rejects_bad_control_options(tmp_path):
+    from ablation.evaluation.cli import eval_main
+
+    bad = tmp_path / "controls.yaml"
+    bad.write_text("car: []\n")
+    base = ["--family", "grumpy_cat", "--out", str(tmp_path / "out")]
+    assert eval_main(base + ["--control-prompts", str(bad)]) == 2
+    assert eval_main(base + ["--control-prompts", str(tmp_path / "missing.yaml")]) == 2
+    assert eval_main(base + ["--control-samples", "-1"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_toy_controls_and_summary():
+    from ablation.evaluation.collateral import load_controls, summarize, toy_controls
+
+    controls = toy_controls()
+    assert len(controls) == 31 == len(catalog().concepts)
+    by_name = {c.name: c for c in controls}
+    assert by_name["c-3po"].prompts == tuple(catalog().families["r2d2"].prompts_for("c-3po", "heldout"))
+    assert [j.seed for j in by_name["cat"].jobs(3, 0)] == [0, 100000, 200000]  # one image per prompt first
+    assert "cat" not in {c.name for c in toy_controls(exclude=["cat"])}
+    assert {c.name for c in load_controls()} >= {"car", "horse"}
+    labels = ["cat", "cat", "robot", "robot"]
+    base = {"classifier": ["cat", "cat", "robot", "dog"], "clip": ["cat", "cat", "robot", "robot"]}
+    ablated = {"classifier": ["cat", "dog", "cat", "dog"], "clip": ["cat", "cat", "robot", "robot"]}
+    s = summarize(labels, base, ablated)
+    assert s["judges"] == ["classifier", "clip"] and s["num_images"] == 4
+    assert s["changed_fraction"] == {"classifier": 0.5, "clip": 0.0}
+    assert s["concepts"]["robot"]["classifier"] == {"base": 0.5, "ablated": 0.0, "change": -0.5, "changed": 0.5}
+    assert s["accuracy"]["classifier"] == {"base": 0.75, "ablated": 0.25}
+
+
+@pytest.fixture(scope="module")
+def toy_pipes():
+    from ablation.evaluation.collateral import toy_judges
+    from ablation.models import load_pipeline
+
+    base, other = load_pipeline("toy"), load_pipeline("toy")
+    for pipe in (base, other):
+        pipe.set_progress_bar_config(disable=True)
+    # the "ablation": the word robot now means cat (its token embedding row is cat's)
+    tok = other.tokenizer
+    robot, cat = tok("robot").input_ids[1], tok("cat").input_ids[1]
+    with torch.no_grad():
+        emb = other.text_encoder.get_input_embeddings().weight
+        emb[robot] = emb[cat]
+    return base, other, toy_judges()
+
+
+def test_collateral_measure_sees_a_leak_with_both_judges(toy_pipes):
+    from ablation.evaluation.collateral import measure
+
+    base, other, judges = toy_pipes
+    result = measure(base, other, concepts=["cat", "robot", "monet"], per_concept=4, steps=10, judges=judges)
+    assert result["judges"] == ["classifier", "clip"] and result["num_images"] == 12
+    for judge in ("classifier", "clip"):
+        rows = result["concepts"]
+        # the base model draws every concept; both judges recognise it
+        assert all(rows[c][judge]["base"] >= 0.75 for c in ("cat", "robot", "monet")), (judge, rows)
+        # robots turned into cats; cats and monet paintings did not change
+        assert rows["robot"][judge]["ablated"] <= 0.25 and rows["robot"][judge]["changed"] >= 0.75
+        assert rows["cat"][judge]["changed"] == 0.0 and rows["monet"][judge]["changed"] == 0.0
+        assert result["changed_fraction"][judge] == pytest.approx(rows["robot"][judge]["changed"] / 3)
+    same = measure(base, base, concepts=["robot"], per_concept=2, steps=10, judges=judges)
+    assert same["changed_fraction"] == {"classifier": 0.0, "clip": 0.0}
+    with pytest.raises(KeyError, match="unknown toy concepts"):
+        measure(base, other, concepts=["unicorn"], judges=judges)
+
+
+def test_toy_classifier_names_every_concept_of_held_out_renders(tmp_path):
+    from ablation.toyworld.catalog import HELDOUT_SEED_OFFSET
+    from ablation.toyworld.classifier import CLASSIFIER_DIR, load_classifier
+    from ablation.toyworld.render import render
+
+    assert (CLASSIFIER_DIR / "model.safetensors").stat().st_size < 1.5e6
+    judge = load_classifier()
+    concepts = list(catalog().concepts)
+    assert judge.classes == concepts
+    # seeds the classifier's training and held-out split never used
+    images = [Image.fromarray(render(c, HELDOUT_SEED_OFFSET + 777_000 + i)) for i, c in enumerate(concepts)]
+    assert judge.predict(images) == concepts
+    probs = judge.probs(images[:3] + [images[0].resize((128, 128))])  # any size is resized to 64 px
+    assert probs.shape == (4, 31) and torch.allclose(probs.sum(-1), torch.ones(4))
+    assert int(probs[3].argmax()) == 0 and judge.accuracy(images[:1], concepts[0]) == 1.0
+    with pytest.raises(FileNotFoundError, match="train_toy_classifier"):
+        load_classifier(tmp_path)

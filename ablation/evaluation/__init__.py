@@ -9,6 +9,8 @@ Modules, one concern each:
 * `swap`: applying a run's ablation to a loaded base pipeline and restoring it;
 * `inpaint`, `upscale`: the other two base pipelines evaluation uses;
 * `selection`: which concepts a run is evaluated on;
+* `collateral`: control concepts outside the evaluated tasks, base vs ablated, judged by CLIP and (toy
+  world) the toy concept classifier; `collateral.measure` for tests and benchmarks;
 * `evaluate`: the evaluation loop; `report`: report.json / report.md / grids / chart;
 * `cli`: `ablate generate | inpaint | upscale | eval`.
 """

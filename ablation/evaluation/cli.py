@@ -13,20 +13,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 logger = logging.getLogger("ablation.evaluation")
+#: `ablate eval` on the toy model: the sampler steps of its quality protocol (docs/toyworld.md) and of its
+#: anchor images, and a batch that keeps 2 CPU cores busy on 8x8 latents (8 leaves them waiting on overhead)
+TOY_EVAL_STEPS = 25
+TOY_EVAL_BATCH = 32
 
 
 # ------------------------------------------------------------------ shared options
 
 
-def _add_sampling(p: argparse.ArgumentParser, steps: int = 50, guidance: float = 6.0) -> None:
+def _add_sampling(p: argparse.ArgumentParser, steps: int | None = 50, guidance: float = 6.0,
+                  batch_size: int | None = 8, steps_help: str | None = None, batch_help: str | None = None) -> None:
     from ablation.evaluation.generate import SCHEDULERS
 
     g = p.add_argument_group("sampling")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default: ddim, as the paper)")
-    g.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
+    g.add_argument("--steps", type=int, default=steps, help=steps_help or f"denoising steps (default: {steps})")
     g.add_argument("--guidance", type=float, default=guidance, help=f"classifier-free guidance (default: {guidance})")
     g.add_argument("--seed", type=int, default=0, help="base seed; image seed = seed + 100000*prompt + sample")
-    g.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=batch_help or f"images per pipeline call (default: {batch_size})")
     g.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
@@ -42,7 +48,13 @@ def _sampling(args):
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import os
+
+    from ablation.quiet import quiet_libraries
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # our lines stay plain (quiet's is a no-op then)
+    # loading bars, the torch_dtype FutureWarning, bitsandbytes' kernel note: the libraries' own switches
+    quiet_libraries(verbose=bool(os.environ.get("ABLATION_VERBOSE")))
     for noisy in ("diffusers", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -238,6 +250,8 @@ def upscale_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     """`ablate eval`: compare ablated runs with their base model; report.json, report.md, grids, chart."""
+    from ablation.evaluation.clip_judge import DEFAULT_CLIP, LARGE_CLIP
+
     p = argparse.ArgumentParser(prog="ablate eval", description="Evaluate ablated runs against the base model: "
                                 "CLIP accuracy, family accuracy, CLIP score, KID (and memorization rate) per "
                                 "target, anchor and surrounding concept.")
@@ -254,12 +268,22 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--num-samples", type=int, default=4, help="images per prompt and concept")
     p.add_argument("--paper-volumes", action="store_true",
                    help="the paper's volumes instead: 200 images for target and anchor, 50 per surrounding concept")
-    p.add_argument("--clip", default=None, help="CLIP judge id or dir (default: toy CLIP for toy, else ViT-L/14)")
+    p.add_argument("--clip-model", "--clip", dest="clip", default=None,
+                   help=f"CLIP judge: hub id or folder (default: the toy CLIP for the toy model, else {DEFAULT_CLIP}, "
+                        f"the judge of the paper's CLIP accuracy and score; {LARGE_CLIP} for a stronger judge)")
+    p.add_argument("--control-prompts", default=None,
+                   help="collateral damage: YAML/JSON file concept -> prompts (default: every toy concept outside "
+                        "the evaluated tasks on the toy model, else the bundled prompt_sets/controls.yaml)")
+    p.add_argument("--control-samples", type=int, default=8,
+                   help="images per control concept, base vs ablated under the same seeds (0: no controls)")
     p.add_argument("--memorized-image", default=None, help="the memorized image (memorization tasks)")
     p.add_argument("--memorization-threshold", type=float, default=0.9, help="CLIP image cosine of a copy")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets")
     p.add_argument("--out", default=None, help="report folder (default: <first --ablated>/eval)")
-    _add_sampling(p)
+    _add_sampling(p, steps=None, batch_size=None,
+                  steps_help=f"denoising steps (default: {TOY_EVAL_STEPS} on the toy model, as its quality protocol "
+                             f"and its anchors; else 50, the paper's)",
+                  batch_help=f"images per pipeline call (default: {TOY_EVAL_BATCH} on the toy model, else 8)")
     args = p.parse_args(argv)
     _setup_logging()
     from ablation.evaluation.evaluate import EvalSettings, evaluate
@@ -270,14 +294,29 @@ def eval_main(argv: list[str]) -> int:
         tasks = select_tasks(base, args.ablated, families=args.family, targets=args.target, anchors=args.anchor,
                              concept_type=args.concept_type, config=args.config)
         out = Path(args.out) if args.out else default_out(args.ablated)
+        if args.control_samples < 0:
+            raise ValueError(f"--control-samples must be >= 0, got {args.control_samples}")
+        controls = None
+        if args.control_prompts:
+            from ablation.evaluation.collateral import load_controls
+
+            controls = load_controls(args.control_prompts, exclude=[c for t in tasks for c in t.classes])
     except (KeyError, ValueError, FileNotFoundError) as err:
         return _fail(str(err).strip("'\""))
+    from ablation.models import is_toy
+
+    toy = is_toy(base)
+    args.steps = args.steps if args.steps is not None else (TOY_EVAL_STEPS if toy else 50)
+    args.batch_size = args.batch_size if args.batch_size is not None else (TOY_EVAL_BATCH if toy else 8)
+    if args.steps < 1 or args.batch_size < 1:
+        return _fail("--steps and --batch-size must be >= 1")
     settings = EvalSettings(
         sampling=_sampling(args), samples_per_prompt=args.num_samples, seed=args.seed, batch_size=args.batch_size,
         images_per_role={"target": 200, "anchor": 200, "surrounding": 50} if args.paper_volumes else None,
-        kid_subsets=args.kid_subsets, memorization_threshold=args.memorization_threshold, dtype=args.dtype)
+        kid_subsets=args.kid_subsets, memorization_threshold=args.memorization_threshold, dtype=args.dtype,
+        control_samples=args.control_samples)
     report = evaluate(base, args.ablated, tasks, out, settings, clip_model=args.clip, device=args.device,
-                      memorized_image=args.memorized_image)
+                      memorized_image=args.memorized_image, controls=controls)
     for run, rows in report["comparison"].items():
         for r in rows:
             if r["metric"] == "clip_accuracy":

@@ -12,12 +12,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-#: the judge of the paper's CLIP accuracy on real Stable Diffusion models
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+#: the judge of the paper's CLIP accuracy and CLIP score on real Stable Diffusion models: the official
+#: `evaluate.py` of Kumari et al. loads CLIP ViT-B/32 (issue 9)
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+#: a stronger judge, not the paper's (`--clip-model openai/clip-vit-large-patch14`)
+LARGE_CLIP = "openai/clip-vit-large-patch14"
 
 
 def default_clip_for(model: str) -> str:
-    """The judge to use for a generator: the toy CLIP for the toy model, else `DEFAULT_CLIP`."""
+    """The judge to use for a generator: the toy CLIP for the toy model, else `DEFAULT_CLIP` (ViT-B/32, the paper's)."""
     from ablation.models import is_toy
 
     if is_toy(model):

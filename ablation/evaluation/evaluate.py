@@ -44,6 +44,8 @@ class EvalSettings:
         memorization_threshold: CLIP image-image cosine above which a sample copies the memorized image.
         grid_prompts: prompts per concept shown in the comparison grids.
         dtype: `fp32`, `fp16` or `bf16` for the generator.
+        control_samples: images per control concept (collateral damage, `ablation.evaluation.collateral`):
+            every toy concept outside the evaluated tasks, or the control prompt set of a real model; 0: none.
     """
 
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
@@ -56,6 +58,7 @@ class EvalSettings:
     memorization_threshold: float = 0.9
     grid_prompts: int = 2
     dtype: str = "fp32"
+    control_samples: int = 8
 
     def jobs(self, prompts: Sequence[str], role: str) -> list[Job]:
         if self.images_per_role and role in self.images_per_role:
@@ -117,6 +120,7 @@ class ConceptImages:
     paths: list[Path]
     features: torch.Tensor
     generated: int
+    classified: list[str] | None = None
 
 
 def _memorized_reference(task: ConceptTask, judge, size: tuple[int, int], override: str | None,
@@ -154,6 +158,8 @@ def score_concept(task: ConceptTask, concept: str, images: ConceptImages, judge,
         "family_accuracy": metrics.family_accuracy(feats, texts, index[concept]),
         "clip_score": metrics.clip_score(feats, prompt_feats),
     }
+    if images.classified is not None:  # the toy world's second judge, over all 31 concepts
+        row["classifier_accuracy"] = float(np.mean([p == concept for p in images.classified]))
     if base is not None and min(len(base.features), len(feats)) >= 2:  # KID needs two samples a side
         mean, std = metrics.kid(base.features, feats, num_subsets=settings.kid_subsets,
                                 subset_size=settings.kid_subset_size, seed=settings.seed)
@@ -173,9 +179,35 @@ def _load_base(model: str, device: torch.device, dtype: str, scheduler: str):
     return pipe
 
 
+def _default_controls(base_model: str, tasks: Sequence[ConceptTask], settings: EvalSettings):
+    """Every toy concept outside the tasks (toy model), else the default control prompt set."""
+    from ablation.evaluation.collateral import load_controls, toy_controls
+    from ablation.models import is_toy
+
+    if settings.control_samples < 1:
+        return []
+    taken = [c for t in tasks for c in t.classes]
+    return toy_controls(exclude=taken) if is_toy(base_model) else load_controls(exclude=taken)
+
+
+def _toy_classifier(base_model: str, device: torch.device):
+    """The toy world's concept classifier for the toy model (None elsewhere, or when its weights are missing)."""
+    from ablation.models import is_toy
+
+    if not is_toy(base_model):
+        return None
+    from ablation.toyworld.classifier import load_classifier
+
+    try:
+        return load_classifier(device=device)
+    except FileNotFoundError as err:
+        logger.warning("%s: evaluating with the toy CLIP only", err)
+        return None
+
+
 def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask], out_dir: str | Path,
              settings: EvalSettings | None = None, *, clip_model: str | None = None, device: str | None = None,
-             memorized_image: str | None = None, pipe=None, judge=None) -> dict:
+             memorized_image: str | None = None, pipe=None, judge=None, controls=None, classifier=None) -> dict:
     """Generate, score and compare; write `report.json`, `report.md`, grids and a chart into `out_dir`.
 
     Args:
@@ -184,16 +216,20 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
         tasks: what to evaluate (see `ablation.evaluation.prompts`).
         out_dir: report folder; images are cached in `out_dir/images`.
         settings: generation and scoring settings.
-        clip_model: judge id or dir (default: toy CLIP for the toy model, else CLIP ViT-L/14).
+        clip_model: judge id or dir (default: toy CLIP for the toy model, else CLIP ViT-B/32, the paper's).
         device: `cuda`, `cpu`, ... (default: CUDA when available).
         memorized_image: the memorized image of memorization tasks (overrides the prompt set's).
         pipe: an already loaded base pipeline (its scheduler is replaced by the settings').
         judge: an already built `ClipJudge`.
+        controls: `collateral.ControlConcept`s for collateral damage (default: every toy concept outside
+            the tasks on the toy model, else `prompt_sets/controls.yaml`); `settings.control_samples` each.
+        classifier: the toy concept classifier (default: the shipped one on the toy model, else none).
 
     Returns:
         The report (as written to `report.json`).
     """
     from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
+    from ablation.evaluation.collateral import summarize
     from ablation.evaluation.generate import set_scheduler
     from ablation.evaluation.report import write_report
     from ablation.evaluation.swap import DeltaCache, ablated
@@ -206,21 +242,33 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
     else:
         set_scheduler(pipe, settings.sampling.scheduler)
     judge = judge or ClipJudge(clip_model or default_clip_for(base_model), device=dev)
+    classifier = classifier if classifier is not None else _toy_classifier(base_model, dev)
+    controls = list(controls) if controls is not None else _default_controls(base_model, tasks, settings)
+    if settings.control_samples < 1:
+        controls = []
     taken: set[str] = set()
     models = [{"name": "base", "model": base_model, "delta": None}]
     models += [{"name": run_name(r, taken), "model": base_model, "delta": str(r)} for r in runs]
     cache = DeltaCache()
+    plan = _plan(tasks, controls, settings)
+    progress = _Progress(len(plan.jobs) * len(models))
     images: dict[str, dict[tuple[str, str], ConceptImages]] = {}
-    for entry in models:
-        entry["key"] = model_key(entry["name"], base_model, entry["delta"], settings, dev.type)
-        if entry["delta"]:
-            from ablation.checkpoint import read_metadata
+    control_images: dict[str, ConceptImages] = {}
+    try:
+        for entry in models:
+            entry["key"] = model_key(entry["name"], base_model, entry["delta"], settings, dev.type)
+            if entry["delta"]:
+                from ablation.checkpoint import read_metadata
 
-            entry["metadata"] = read_metadata(_source_path(entry["delta"]))
-        with ablated(pipe, entry["delta"], cache=cache):
-            images[entry["name"]] = _generate_all(pipe, tasks, settings, judge, out_dir / "images" / entry["key"])
-        logger.info("%s: %d images generated, rest from cache", entry["name"],
-                    sum(c.generated for c in images[entry["name"]].values()))
+                entry["metadata"] = read_metadata(_source_path(entry["delta"]))
+            with ablated(pipe, entry["delta"], cache=cache):
+                images[entry["name"]], control_images[entry["name"]] = _generate_all(
+                    pipe, plan, settings, judge, classifier, out_dir / "images" / entry["key"], progress)
+            logger.info("%s: %d images generated, rest from cache", entry["name"],
+                        sum(c.generated for c in images[entry["name"]].values())
+                        + control_images[entry["name"]].generated)
+    finally:
+        progress.close()
     results: dict[str, dict] = {}
     references: dict[str, str] = {}
     for entry in models:
@@ -245,6 +293,7 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
         "format": REPORT_FORMAT,
         "base_model": base_model,
         "clip_model": judge.model_id,
+        "classifier": "toyworld/classifier" if classifier is not None else None,
         "device": dev.type,
         "settings": asdict(settings),
         "seed_formula": "seed + 100000 * prompt_index + sample_index",
@@ -253,29 +302,107 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
         "results": results,
         "comparison": {m["name"]: compare(results["base"], results[m["name"]]) for m in models[1:]},
     }
+    if controls:
+        judges = _control_judges(base_model, tasks, controls, judge, classifier)
+        verdicts = {m["name"]: _judge_controls(judges, control_images[m["name"]]) for m in models}
+        labels = plan.control_labels
+        report["collateral"] = {
+            "controls": [c.name for c in controls], "per_concept": settings.control_samples,
+            "judges": judges.names, "clip_labels": judges.labels,
+            "base": summarize(labels, verdicts["base"], verdicts["base"]),
+            "runs": {m["name"]: summarize(labels, verdicts["base"], verdicts[m["name"]]) for m in models[1:]},
+        }
     paths = {name: {k: [(j.prompt, p) for j, p in zip(v.jobs, v.paths, strict=True)] for k, v in per.items()}
              for name, per in images.items()}
     write_report(report, out_dir, tasks, paths, settings.grid_prompts)
     return report
 
 
-def _generate_all(pipe, tasks: Sequence[ConceptTask], settings: EvalSettings, judge,
-                  cache_dir: Path) -> dict[tuple[str, str], ConceptImages]:
-    """Every concept's images for the pipeline as it is now, generated in shared batches."""
-    plan = [(task, c, settings.jobs(task.prompts[c], task.role(c))) for task in tasks for c in task.classes]
-    all_jobs = list(dict.fromkeys(j for _, _, jobs in plan for j in jobs))  # a prompt may repeat across tasks
+@dataclass
+class _Plan:
+    """Every image one model must produce: the tasks' concepts, then the control concepts."""
+
+    concepts: list[tuple[ConceptTask, str, list[Job]]]
+    control_jobs: list[Job]
+    control_labels: list[str]
+    jobs: list[Job]
+
+
+def _plan(tasks: Sequence[ConceptTask], controls, settings: EvalSettings) -> _Plan:
+    concepts = [(task, c, settings.jobs(task.prompts[c], task.role(c))) for task in tasks for c in task.classes]
+    control_jobs = [j for c in controls for j in c.jobs(settings.control_samples, settings.seed)]
+    labels = [c.name for c in controls for _ in range(settings.control_samples)]
+    # a prompt may repeat across tasks and controls: generate it once
+    jobs = list(dict.fromkeys([j for _, _, js in concepts for j in js] + control_jobs))
+    return _Plan(concepts, control_jobs, labels, jobs)
+
+
+class _Progress:
+    """One progress bar over every image of every model (cached images count as done at once)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        # disable=None: shown on a terminal, silent in logs and CI
+        self.bar = tqdm(total=total, desc="eval images", unit="img", disable=None)
+        self._done = 0
+
+    def start(self, cached: int) -> None:
+        self._done = 0
+        self.bar.update(cached)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _generate_all(pipe, plan: _Plan, settings: EvalSettings, judge, classifier, cache_dir: Path,
+                  progress: _Progress | None = None) -> tuple[dict[tuple[str, str], ConceptImages], ConceptImages]:
+    """Every concept's and control's images for the pipeline as it is now, generated in shared batches."""
+    all_jobs = plan.jobs
+    if progress is not None:
+        progress.start(sum(cache_path(cache_dir, j).exists() for j in all_jobs))
     samples = generate(pipe, all_jobs, settings.sampling, batch_size=settings.batch_size,
-                       path_for=lambda job: cache_path(cache_dir, job))
+                       path_for=lambda job: cache_path(cache_dir, job), progress=progress)
     by_job = dict(zip(all_jobs, samples, strict=True))
-    feats = judge.image_features([s.image for s in samples])
+    pil = [s.image for s in samples]
+    feats = judge.image_features(pil)
+    classified = classifier.predict(pil) if classifier is not None else None
     row = {job: i for i, job in enumerate(all_jobs)}
-    out = {}
-    for task, concept, jobs in plan:
-        idx = torch.tensor([row[j] for j in jobs], dtype=torch.long)
-        out[(task.name, concept)] = ConceptImages(
-            jobs=jobs, paths=[by_job[j].path for j in jobs], features=feats[idx],
-            generated=sum(not by_job[j].cached for j in jobs))
-    return out
+
+    def pick(jobs: list[Job]) -> ConceptImages:
+        idx = [row[j] for j in jobs]
+        return ConceptImages(jobs=jobs, paths=[by_job[j].path for j in jobs],
+                             features=feats[torch.tensor(idx, dtype=torch.long)],
+                             generated=sum(not by_job[j].cached for j in jobs),
+                             classified=[classified[i] for i in idx] if classified is not None else None)
+
+    return {(task.name, c): pick(jobs) for task, c, jobs in plan.concepts}, pick(plan.control_jobs)
+
+
+def _control_judges(base_model: str, tasks: Sequence[ConceptTask], controls, judge, classifier):
+    """CLIP chooses among every toy concept (toy model), else among the controls and the tasks' concepts."""
+    from ablation.evaluation.collateral import Judges
+    from ablation.models import is_toy
+
+    if is_toy(base_model):
+        from ablation.toyworld import catalog
+
+        concepts = catalog().concepts
+        return Judges(list(concepts), [c.judge_text for c in concepts.values()], judge, classifier)
+    texts = {c.name: c.judge_text for c in controls}
+    for task in tasks:
+        for c in task.classes:
+            texts.setdefault(c, task.judge_texts[c])
+    return Judges(list(texts), list(texts.values()), judge, classifier)
+
+
+def _judge_controls(judges, images: ConceptImages) -> dict[str, list[str]]:
+    # features and classifier verdicts were computed with the task images: no second pass
+    return judges.judge([], clip_features=images.features, classified=images.classified)
 
 
 def _task_info(task: ConceptTask, memorized_reference: str | None) -> dict:
@@ -287,7 +414,7 @@ def _task_info(task: ConceptTask, memorized_reference: str | None) -> dict:
     return info
 
 
-COMPARED = ("clip_accuracy", "family_accuracy", "clip_score", "memorization_rate")
+COMPARED = ("clip_accuracy", "family_accuracy", "classifier_accuracy", "clip_score", "memorization_rate")
 
 
 def compare(base: dict, ablated: dict) -> list[dict]:

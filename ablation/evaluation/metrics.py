@@ -6,8 +6,6 @@ metrics expect L2-normalised rows, as `ClipJudge` returns them, so that a dot pr
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -191,41 +189,3 @@ def psnr(a, b, data_range: float = 1.0) -> float:
         raise ValueError(f"PSNR needs equal shapes, got {x.shape} and {y.shape}")
     mse = float(np.mean((x - y) ** 2))
     return float("inf") if mse == 0 else 10.0 * float(np.log10(data_range**2 / mse))
-
-
-def inception_distances(dir_a: str | Path, dir_b: str | Path) -> dict[str, float]:
-    """FID and KID on Inception features between two image folders, when a backend is available.
-
-    Tries clean-fid, then torch-fidelity (both optional, both need their Inception weights, which
-    they download on first use). Imported lazily so that the core install does not need them.
-
-    Args:
-        dir_a: folder of PNG/JPG images.
-        dir_b: the other folder.
-
-    Returns:
-        `{"fid": ..., "kid": ...}`.
-
-    Raises:
-        RuntimeError: neither backend is installed, or the weights cannot be obtained (offline).
-    """
-    try:
-        from cleanfid import fid as cleanfid_fid
-    except ImportError:
-        cleanfid_fid = None
-    try:
-        if cleanfid_fid is not None:
-            return {"fid": float(cleanfid_fid.compute_fid(str(dir_a), str(dir_b))),
-                    "kid": float(cleanfid_fid.compute_kid(str(dir_a), str(dir_b)))}
-        import torch_fidelity
-
-        out = torch_fidelity.calculate_metrics(input1=str(dir_a), input2=str(dir_b), fid=True, kid=True,
-                                               kid_subset_size=min(1000, len(list(Path(dir_a).iterdir()))))
-        return {"fid": float(out["frechet_inception_distance"]), "kid": float(out["kernel_inception_distance_mean"])}
-    except ImportError as err:
-        raise RuntimeError("Inception FID/KID needs `pip install clean-fid` or `pip install torch-fidelity` "
-                           "(either downloads Inception weights on first use); the CLIP-feature KID of "
-                           "`ablate eval` needs neither") from err
-    except Exception as err:  # network / weights errors from either backend
-        raise RuntimeError(f"Inception FID/KID failed ({err}); the backends fetch Inception weights on first "
-                           f"use, which needs network access once") from err

@@ -15,7 +15,8 @@ from ablation.evaluation.prompts import ConceptTask
 logger = logging.getLogger(__name__)
 TILE = 128  # grid tile size in pixels: readable for 64 px toy images, small for 512 px ones
 LABEL_WIDTH = 220
-METRIC_NAMES = {"clip_accuracy": "CLIP accuracy", "family_accuracy": "family accuracy", "clip_score": "CLIP score",
+METRIC_NAMES = {"clip_accuracy": "CLIP accuracy", "family_accuracy": "family accuracy",
+                "classifier_accuracy": "classifier accuracy", "clip_score": "CLIP score",
                 "memorization_rate": "memorization rate", "kid_vs_base": "KID vs base"}
 
 
@@ -65,7 +66,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Concept ablation evaluation", "",
         f"- base model: `{report['base_model']}`",
-        f"- judge: `{report['clip_model']}` (device {report['device']})",
+        f"- judge: `{report['clip_model']}`" + (f" and the toy concept classifier (`{report['classifier']}`)"
+                                                 if report.get("classifier") else "") + f" (device {report['device']})",
         f"- sampling: {sampling['scheduler']}, {sampling['steps']} steps, guidance {sampling['guidance']}, "
         f"seed {s['seed']} ({report['seed_formula']})",
         "- images per concept: " + (f"{s['images_per_role']}" if s["images_per_role"]
@@ -75,6 +77,8 @@ def markdown(report: dict) -> str:
         "the anchor, the target). Family accuracy: fraction whose most similar class text, over the whole family, "
         "is the prompted concept. CLIP score: 2.5 * max(cos(image, prompt), 0). KID: unbiased MMD^2 between the "
         "base and the ablated model's CLIP image features for the same prompts and seeds (0 = same distribution). "
+        "Classifier accuracy (toy world): fraction the toy concept classifier, over all 31 toy concepts, "
+        "assigns to the prompted concept. "
         "A good ablation drives the target's accuracy down and leaves anchor and surrounding rows unchanged.", "",
     ]
     if not report["comparison"]:
@@ -96,6 +100,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {r['concept']} | {r['role']} | {METRIC_NAMES[r['metric']]} | {_fmt(r['base'])} | "
                              f"{_fmt(r['ablated'])} | {_fmt(r['change'], signed=True)} |")
             lines.append("")
+    lines += collateral_markdown(report)
     files = report.get("files") or {}
     if files.get("grids"):
         lines += ["## Grids (rows: prompts; columns: base | ablated)", ""]
@@ -103,6 +108,36 @@ def markdown(report: dict) -> str:
     if files.get("chart"):
         lines += ["## CLIP accuracy", "", f"![CLIP accuracy]({files['chart']})", ""]
     return "\n".join(lines)
+
+
+def collateral_markdown(report: dict) -> list[str]:
+    """The collateral-damage section: control concepts outside the tasks, base vs each run, both judges."""
+    col = report.get("collateral")
+    if not col:
+        return []
+    judges = col["judges"]
+    lines = ["## Collateral damage (concepts outside the evaluated tasks)", "",
+             f"{len(col['controls'])} control concepts, images per concept: {col['per_concept']}, the same prompts "
+             "and seeds for base and ablated. Accuracy: fraction judged as the prompted concept (" +
+             " and ".join({"classifier": "toy concept classifier, 31-way", "clip": "CLIP, zero-shot over "
+                           f"{len(col['clip_labels'])} concept texts"}[j] for j in judges) +
+             "); changed: fraction of image pairs whose judged concept differs.", ""]
+    if not col["runs"]:
+        lines += ["| concept | " + " | ".join(f"{j} base" for j in judges) + " |", "|---" * (1 + len(judges)) + "|"]
+        for concept, row in col["base"]["concepts"].items():
+            lines.append(f"| {concept} | " + " | ".join(_fmt(row[j]["base"]) for j in judges) + " |")
+        return lines + [""]
+    for run, summary in col["runs"].items():
+        changed = ", ".join(f"{j} {summary['changed_fraction'][j]:.3f}" for j in judges)
+        lines += [f"### {run}", "", f"Changed judged concept over {summary['num_images']} control images: {changed}.",
+                  "", "| concept | " + " | ".join(f"{j} base | {j} ablated | {j} changed" for j in judges) + " |",
+                  "|---" * (1 + 3 * len(judges)) + "|"]
+        for concept, row in summary["concepts"].items():
+            cells = " | ".join(f"{_fmt(row[j]['base'])} | {_fmt(row[j]['ablated'])} | {_fmt(row[j]['changed'])}"
+                               for j in judges)
+            lines.append(f"| {concept} | {cells} |")
+        lines.append("")
+    return lines
 
 
 def comparison_grid(task: ConceptTask, base: Mapping[tuple[str, str], Sequence[tuple[str, Path]]],
