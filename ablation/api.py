@@ -201,10 +201,10 @@ def _ready_for_inference(pipe, config: TrainConfig) -> None:
 
 def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | str | Path], base: str | None = None,
              *, out: str | Path | None = None, families: Sequence[str] = (), targets: Sequence[str] = (),
-             anchors: Sequence[str] = (), concept_type: str = "instance", num_samples: int = 4, steps: int = 50,
-             guidance: float = 6.0, scheduler: str = "ddim", seed: int = 0, height: int | None = None,
-             width: int | None = None, clip_model: str | None = None, device: str | None = None, base_pipe=None,
-             model_card: bool = True, **settings: Any) -> dict:
+             anchors: Sequence[str] = (), concept_type: str = "instance", num_samples: int = 4,
+             steps: int | None = None, guidance: float = 6.0, scheduler: str = "ddim", seed: int = 0,
+             height: int | None = None, width: int | None = None, clip_model: str | None = None,
+             device: str | None = None, base_pipe=None, model_card: bool = True, **settings: Any) -> dict:
     """Evaluate ablated runs against their base model (`ablate eval` in-process); returns the report.
 
     Args:
@@ -216,13 +216,13 @@ def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | st
         anchors: anchor per target.
         concept_type: concept type of ad-hoc pairs.
         num_samples: images per prompt and concept.
-        steps: sampling steps.
+        steps: sampling steps (default: as `ablate eval`: 25 on the toy model, else 50).
         guidance: classifier-free guidance.
         scheduler: `ddim`, `dpm++`, `euler` or `pndm`.
         seed: base seed of the images.
         height: image height (default: the model's).
         width: image width (default: the model's).
-        clip_model: CLIP judge id or folder (default: the toy CLIP for the toy model, else CLIP ViT-L/14).
+        clip_model: CLIP judge id or folder (default: the toy CLIP for the toy model, else CLIP ViT-B/32, the paper's).
         device: `cuda`, `cpu`, ... (default: CUDA when available).
         base_pipe: an already loaded base pipeline (not an ablated one: it is the reference).
         model_card: refresh each run folder's `README.md` model card with the new eval.
@@ -246,6 +246,11 @@ def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | st
         tasks = select_tasks(base, runs, families=families, targets=targets, anchors=anchors,
                              concept_type=concept_type)
         out_dir = Path(out) if out else default_out(runs)
+        if steps is None:
+            from ablation.evaluation.cli import TOY_EVAL_STEPS
+            from ablation.models import is_toy
+
+            steps = TOY_EVAL_STEPS if is_toy(base) else 50
         eval_settings = EvalSettings(sampling=SamplingSettings(scheduler=scheduler, steps=steps, guidance=guidance,
                                                                        height=height, width=width),
                                      samples_per_prompt=num_samples, seed=seed, **settings)

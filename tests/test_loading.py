@@ -256,8 +256,6 @@ def test_damaged_delta_in_eval_is_one_line(seeded_run, tmp_path, capsys, model_d
     assert not (tmp_path / "eval").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the lead wires resolve_delta(args.delta) into generate_main before the "
-                   "model loads and the output folder is made (ablation/evaluation/cli.py); then drop this mark")
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_generate_with_bad_delta_fails_before_loading(how, seeded_run, tmp_path, capsys, model_dir, no_model_loads):
     run, _, _ = seeded_run

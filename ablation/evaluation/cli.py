@@ -114,12 +114,19 @@ def generate_main(argv: list[str]) -> int:
     if args.num_samples < 1:
         return _fail("--num-samples must be >= 1")
     settings = _sampling(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.delta:  # a missing or damaged delta fails here, before any model is loaded or folder made
+        from ablation.checkpoint import resolve_delta
+
+        try:
+            resolve_delta(args.delta)
+        except (ValueError, FileNotFoundError) as err:
+            return _fail(str(err))
     try:
         pipe, device = _load(args.model, args)
-    except FileNotFoundError as err:
+    except (ValueError, FileNotFoundError) as err:  # ConfigError: offline hub, unreadable single file, ...
         return _fail(str(err))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(prompts, args.num_samples, args.seed)
     with ablated(pipe, args.delta):
         samples = generate(pipe, jobs, settings, batch_size=args.batch_size, reuse=False,
@@ -323,4 +330,9 @@ def eval_main(argv: list[str]) -> int:
                 logger.info("%-12s %-28s %-11s CLIP acc %.2f -> %.2f", run, r["concept"], r["role"], r["base"],
                             r["ablated"])
     logger.info("wrote %s", out / "report.md")
+    from ablation.model_card import write_model_card
+
+    for run in args.ablated:  # the run's model card shows the new evaluation
+        if (Path(run) / "config.yaml").is_file():
+            write_model_card(Path(run))
     return 0

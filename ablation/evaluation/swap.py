@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ablation.checkpoint import INDEX_SUFFIX, ROWS_SUFFIX, apply_delta, load_delta, resolve_delta
+from ablation.checkpoint import INDEX_SUFFIX, ROWS_SUFFIX, apply_delta, check_base, load_delta, resolve_delta
 
 logger = logging.getLogger(__name__)
 #: components whose weights an ablation can change
@@ -109,7 +109,9 @@ class DeltaCache:
         if key not in self._tensors:
             kind, path = resolve_delta(source)
             if kind == "delta":
-                self._tensors[key] = ("delta", load_delta(path)[0])
+                tensors, metadata = load_delta(path)
+                check_base(pipe, metadata, path, keys=tensors)  # refuses a delta trained on other base weights
+                self._tensors[key] = ("delta", tensors)
             elif kind == "lora":
                 self._tensors[key] = ("lora", path)
             else:
