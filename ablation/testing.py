@@ -219,3 +219,23 @@ def tiny_mmdit_pipeline(kind: MMDiTKind = "sd3", seed: int = 0, t5: bool = True)
     pipe = cls(**tiny_mmdit_components(kind, seed, t5))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip(path) -> str:
+    """Save a tiny random `CLIPModel` + `CLIPProcessor` (a judge whose numbers mean nothing) to `path`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                           num_hidden_layers=2),
+        projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=clip_tokenizer())
+    processor.save_pretrained(path)
+    return str(path)

@@ -105,23 +105,10 @@ def test_not_a_pipeline_is_a_config_error():
 
 
 def _tiny_clip(path) -> str:
-    """A tiny random CLIP judge (as in test_evaluation.py): the report's numbers are not meaningful, its shape is."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    """A tiny random CLIP judge: the report's numbers are not meaningful, its shape is."""
+    from ablation.testing import tiny_clip
 
-    from ablation.tokenizer_util import clip_tokenizer
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2),
-        projection_dim=16)
-    CLIPModel(config).eval().save_pretrained(path)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=clip_tokenizer()).save_pretrained(path)
-    return str(path)
+    return tiny_clip(path)
 
 
 def test_evaluate_returns_the_report_and_refreshes_the_card(model_dir, tmp_path):

@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from ablation.checkpoint import make_metadata, pipeline_config_hash, save_delta
 from ablation.cli import main
@@ -18,28 +17,14 @@ from ablation.evaluation.generate import SamplingSettings, jobs_for, set_schedul
 from ablation.evaluation.inpaint import box_mask, inpaint, inpaint_pipeline
 from ablation.evaluation.prompts import adhoc_task, load_prompts, paper_task, paper_task_names, toy_task
 from ablation.evaluation.swap import ablated
-from ablation.testing import tiny_pipeline
-from ablation.tokenizer_util import clip_tokenizer
+from ablation.testing import tiny_clip, tiny_pipeline
 from ablation.toyworld import catalog
 
 FAST = ["--steps", "2", "--height", "32", "--width", "32"]
 
 
 def _tiny_clip(path):
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2),
-        projection_dim=16)
-    CLIPModel(config).eval().save_pretrained(path)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=clip_tokenizer())
-    processor.save_pretrained(path)
-    return str(path)
+    return tiny_clip(path)
 
 
 def _perturbed_delta(pipe, scale=0.5, include_conv_in=False):
