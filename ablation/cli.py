@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("ablation.evaluation.cli:eval_main", "evaluate ablated runs against the base model: report + grids"),
     "apply": ("ablation.export_cli:apply_main", "apply a delta.safetensors to a base model, writing a pipeline"),
     "export": ("ablation.export_cli:export_main", "export a finished run as a diffusers pipeline or LoRA"),
+    "demo": ("ablation.demo:main", "web page: base and ablated models side by side for any prompt"),
+    "attack": ("ablation.attacks.cli:main", "attack an ablated model: can the concept come back? (ASR report)"),
 }
 
 

@@ -1,0 +1,14 @@
+"""Attacks on ablated models: can the concept come back? (`ablate attack`, docs/robustness.md)
+
+* `prompts`: paraphrases, synonyms, misspellings, descriptions, other languages (`prompt_sets/`);
+* `text-search`: Ring-A-Bell-style search on the text encoder only;
+* `prefix`: UnlearnDiffAtk-style prefix embeddings optimised through the ablated UNet;
+* `inversion`: textual inversion through the ablated model (Pham et al. 2023);
+* `relearn`: fine-tuning the ablated group on a few target images (concept resurgence);
+* `robust`: the building block of a robust ablation (adversarial target embeddings for the trainer).
+"""
+
+from ablation.attacks.cli import ATTACKS, AttackSettings, run_attacks
+from ablation.attacks.robust import AdversarialEmbeddings, adversarial_target_embeddings
+
+__all__ = ["ATTACKS", "AttackSettings", "run_attacks", "AdversarialEmbeddings", "adversarial_target_embeddings"]

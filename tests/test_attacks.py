@@ -1,0 +1,344 @@
+"""`ablate attack` and the robust-ablation building block: tiny random pipelines (fast), toy world (slow)."""
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from ablation.attacks import ATTACKS, AttackSettings, adversarial_target_embeddings, run_attacks
+from ablation.attacks.common import PLACEHOLDER, placeholder_id, replace_name, token_overrides
+from ablation.attacks.prompts import CATEGORIES, attack_prompts, prompt_sets
+from ablation.attacks.robust import target_positions
+from ablation.checkpoint import make_metadata, pipeline_config_hash, save_delta
+from ablation.cli import main
+from ablation.evaluation.clip_judge import ClipJudge
+from ablation.testing import tiny_pipeline
+from ablation.tokenizer_util import clip_tokenizer
+
+TINY = dict(num_prompts=2, num_samples=1, num_references=2, steps=2, batch_size=4, device="cpu")
+TINY_BUDGETS = {"prompts": 3, "text-search": 32, "prefix": 2, "inversion": 2, "relearn": 2}
+
+
+def _tiny_clip(path):
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                           num_hidden_layers=2),
+        projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=clip_tokenizer())
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A saved tiny sd1 pipeline, a tiny CLIP and a run whose delta perturbs the cross-attention K/V."""
+    root = tmp_path_factory.mktemp("attack_world")
+    pipe = tiny_pipeline("sd1")
+    pipe.save_pretrained(root / "sd1")
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"unet.{n}": p.detach() + 0.5 * torch.randn(p.shape, generator=gen)
+               for n, p in pipe.unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n}
+    meta = make_metadata(base_model=str(root / "sd1"), base_config_hash=pipeline_config_hash(pipe),
+                         concepts=[{"target": "grumpy cat", "anchor": "cat", "concept_type": "instance"}],
+                         params="cross-attn", lora_rank=0, steps=1, learning_rate=1e-3, variant="model-based")
+    save_delta(root / "run" / "delta.safetensors", tensors, meta)
+    clip = _tiny_clip(root / "clip")
+    return {"root": root, "sd1": str(root / "sd1"), "run": str(root / "run"), "clip": clip,
+            "judge": ClipJudge(clip, device="cpu")}
+
+
+def _settings(world, out, attacks, seed=0, **kw):
+    return AttackSettings(base=world["sd1"], ablated=world["run"], attacks=tuple(attacks), out=str(out), seed=seed,
+                          family="toy/grumpy_cat", clip=world["clip"], **{**TINY, **kw})
+
+
+def _run(world, out, attack, seed=0, **kw):
+    budget = kw.pop("budget", TINY_BUDGETS[attack])
+    return run_attacks(_settings(world, out, [attack], seed, budget=budget, **kw), judge=world["judge"])
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def test_prompt_sets_cover_toy_and_paper_targets():
+    from ablation.evaluation.prompts import paper_task, paper_task_names
+    from ablation.toyworld import catalog
+
+    sets = prompt_sets()
+    targets = {f.target.lower() for f in catalog().families.values()}
+    targets |= {paper_task(n).target.lower() for n in paper_task_names()}
+    assert targets <= set(sets), targets - set(sets)
+    for target, cats in sets.items():
+        assert set(cats) == set(CATEGORIES), target
+        assert all(cats[c] for c in CATEGORIES), target
+
+
+def test_attack_prompts_round_robin_and_budget():
+    prompts = ["a snapshot of a grumpy cat", "a snapshot of a grumpy cat on a beach"]
+    pairs = attack_prompts("grumpy cat", prompts, 5, ["my own prompt"])
+    assert pairs[0] == ("user", "my own prompt")
+    assert [c for c, _ in pairs[1:]] == list(CATEGORIES)[:4]
+    assert pairs[1] == ("paraphrase", "a snapshot of a grumpy kitty")
+    assert pairs[2] == ("synonym", "a snapshot of a grouchy cat on a beach")
+    assert len(attack_prompts("grumpy cat", prompts, 1000)) == sum(len(v) for v in prompt_sets()["grumpy cat"].values())
+    assert replace_name("Grumpy Cat on a sofa", "grumpy cat", "x") == "x on a sofa"
+    assert replace_name("a painting", "van gogh", "x") == "x, a painting"
+
+
+def test_token_overrides_replace_each_occurrence_and_carry_gradients():
+    pipe = tiny_pipeline("sd1")
+    pid = placeholder_id(pipe.tokenizer)
+    vectors = torch.randn(2, 32, requires_grad=True)
+    ids = pipe.tokenizer([f"a {PLACEHOLDER} {PLACEHOLDER} {PLACEHOLDER} cat", "a cat"], padding="max_length",
+                         return_tensors="pt").input_ids
+    layer = pipe.text_encoder.get_input_embeddings()
+    with token_overrides(pipe.text_encoder, pid, vectors):
+        out = layer(ids)
+    plain = layer(ids)
+    assert torch.equal(out[0, 2], vectors[0]) and torch.equal(out[0, 3], vectors[1]) and torch.equal(out[0, 4],
+                                                                                                      vectors[1])
+    assert torch.equal(out[1], plain[1]) and torch.equal(out[0, 1], plain[0, 1])
+    out.sum().backward()
+    assert vectors.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ every attack on the tiny pipeline
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_each_attack_writes_its_report(world, tmp_path, attack):
+    state = {k: v.clone() for k, v in tiny_pipeline("sd1").unet.state_dict().items()}
+    out = tmp_path / "out"
+    report = _run(world, out, attack)
+    saved = json.loads((out / "attack.json").read_text())
+    assert saved["attacks"][0]["attack"] == attack and (out / "attack.md").is_file()
+    a = saved["attacks"][0]
+    assert a["budget"] == TINY_BUDGETS[attack]
+    assert (out / a["grid"]).is_file()
+    for model in ("base", "ablated"):
+        assert 0.0 <= saved["plain"][model] <= 1.0
+    assert 0.0 <= a["asr"]["ablated"] <= 1.0
+    assert set(a["cost"]) == {"seconds", "unet_forward", "unet_forward_rows", "unet_backward", "text_encoder_forward"}
+    assert len(list((out / "images" / "plain" / "ablated").glob("*.png"))) == 2
+    if attack in ("prefix", "inversion", "relearn"):  # trained through the UNet: one backward per step
+        steps = TINY_BUDGETS[attack] * (TINY["num_prompts"] if attack == "prefix" else 1)
+        assert a["cost"]["unet_backward"] == steps and a["cost"]["unet_forward"] == steps
+        assert (out / "images" / "references").is_dir()
+    if attack == "text-search":
+        assert a["cost"]["unet_forward"] == 0 and a["cost"]["text_encoder_forward"] > 0
+        assert all(p["prompt"].startswith(p["anchor_prompt"]) for p in a["prompts"])
+        assert all("grumpy" not in p["prompt"][len(p["anchor_prompt"]):] for p in a["prompts"])
+    if attack in ("prefix", "inversion"):
+        assert (out / a["tensors"]).is_file()
+    if attack == "relearn":
+        assert a["details"]["curve"][0]["step"] == 0 and a["asr"]["base"] is None
+    assert report["attacks"][0]["asr"] == a["asr"]
+    # the base weights are back (the attacks undo what they change)
+    reloaded = tiny_pipeline("sd1").unet.state_dict()
+    assert all(torch.equal(state[k], reloaded[k]) for k in state)
+
+
+def test_relearn_restores_the_ablated_weights_and_moves_during_training(world, tmp_path):
+    from ablation.attacks import relearn
+    from ablation.attacks.common import AttackContext
+    from ablation.evaluation.generate import SamplingSettings, set_scheduler
+    from ablation.evaluation.prompts import toy_task
+    from ablation.models import load_pipeline
+
+    pipe = load_pipeline(world["sd1"])
+    set_scheduler(pipe, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.requires_grad_(False)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ctx = AttackContext(pipe=pipe, delta=world["run"], task=toy_task("grumpy_cat"), judge=world["judge"],
+                        sampling=SamplingSettings(steps=2), num_prompts=1, num_samples=1, num_references=2,
+                        metadata={"params": "cross-attn", "learning_rate": "0.01"})
+    ctx.plain = {"base": 1.0}  # threshold 0.5: not reached on a random model, so every step runs
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, a: seen.append(m.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight.sum().item()))
+    out = relearn.run(ctx, 3, eval_every=3)
+    hook.remove()
+    assert out["details"]["steps_done"] == 3
+    assert len(set(round(s, 6) for s in seen)) >= 3  # the ablation, then relearned weights
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_same_seed_same_result_other_seed_other_images(world, tmp_path):
+    a = _run(world, tmp_path / "a", "text-search")
+    b = _run(world, tmp_path / "b", "text-search")
+    assert [p["prompt"] for p in a["attacks"][0]["prompts"]] == [p["prompt"] for p in b["attacks"][0]["prompts"]]
+    assert a["attacks"][0]["asr"] == b["attacks"][0]["asr"] and a["plain"] == b["plain"]
+    for png in (tmp_path / "a" / "images").rglob("*.png"):
+        assert png.read_bytes() == (tmp_path / "b" / png.relative_to(tmp_path / "a")).read_bytes()
+    i1 = _run(world, tmp_path / "i1", "inversion", budget=3)
+    i2 = _run(world, tmp_path / "i2", "inversion", budget=3)
+    assert i1["attacks"][0]["details"]["loss_curve"] == i2["attacks"][0]["details"]["loss_curve"]
+    assert i1["attacks"][0]["asr"] == i2["attacks"][0]["asr"]
+    c = _run(world, tmp_path / "c", "text-search", seed=1)
+    assert [p["tokens"] for p in c["attacks"][0]["prompts"]] != [p["tokens"] for p in a["attacks"][0]["prompts"]]
+
+
+def test_user_prompts_file_is_used_as_is(world, tmp_path):
+    file = tmp_path / "mine.txt"
+    file.write_text("# comment\na photo of a grouchy feline\n")
+    report = _run(world, tmp_path / "out", "prompts", prompts_file=str(file), budget=2)
+    prompts = report["attacks"][0]["prompts"]
+    assert prompts[0] == {**prompts[0], "category": "user", "prompt": "a photo of a grouchy feline"}
+    assert len(prompts) == 2
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attack", "nope"], "unknown attack nope"),
+    (["--attack", "inversion", "--budget", "0"], "--budget must be >= 1"),
+    (["--prompts", "/no/such/file.txt"], "no such file"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--budget", "inversion=0"], "--budget inversion=0: must be >= 1"),
+    (["--budget", "warp=3"], "unknown attack"),
+    (["--budget", "many"], "expected N or KIND=N"),
+])
+def test_cli_bad_input_one_line_exit_2_nothing_written(world, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code = main(["attack", "--base", world["sd1"], "--ablated", world["run"], "--clip", world["clip"],
+                 "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_ablated_path_and_unknown_family(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["attack", "--ablated", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["attack", "--base", world["sd1"], "--ablated", world["run"], "--family", "toy/nothing",
+                 "--out", str(out)]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and all(e.startswith("error: ") for e in errs)
+    assert not out.exists()
+
+
+def test_cli_end_to_end(world, tmp_path):
+    out = tmp_path / "out"
+    assert main(["attack", "--base", world["sd1"], "--ablated", world["run"], "--clip", world["clip"],
+                 "--attack", "prompts", "--attack", "text-search", "--budget", "16", "--num-prompts", "1",
+                 "--num-samples", "1", "--steps", "2", "--family", "toy/grumpy_cat", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    report = json.loads((out / "attack.json").read_text())
+    assert [a["attack"] for a in report["attacks"]] == ["prompts", "text-search"]
+    md = (out / "attack.md").read_text()
+    assert "| prompts | 16 prompts |" in md and "| text-search | 16 text-encoder evaluations |" in md
+    from ablation.attacks.cli import parse
+
+    settings = parse(["--ablated", "x", "--out", "y", "--attack", "all", "--budget", "7", "--budget", "prefix=3"])
+    assert settings.attacks == tuple(ATTACKS)
+    assert settings.budget_of("prefix") == 3 and settings.budget_of("relearn") == 7
+
+
+# ------------------------------------------------------------------ robust building block
+
+
+def _robust_batch(seed=0):
+    pipe = tiny_pipeline("sd1")
+    pipe.unet.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    noisy = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        target, _ = pipe.encode_prompt(["a photo of a grumpy cat", "a grumpy cat on a sofa"], "cpu", 1, False)
+        anchor, _ = pipe.encode_prompt(["a photo of a cat", "a cat on a sofa"], "cpu", 1, False)
+        teacher = pipe.unet(noisy, t, anchor).sample
+    return pipe, noisy, t, target, anchor, teacher
+
+
+def test_adversarial_embeddings_raise_the_ablation_loss_within_the_bound():
+    pipe, noisy, t, target, anchor, teacher = _robust_batch()
+    positions = target_positions(target, anchor)
+    assert positions[:, 0].sum() == 0 and positions.any(dim=1).all()  # BOS is shared, the target's tokens differ
+    for p in pipe.unet.parameters():
+        p.requires_grad_(True)  # as during training: the inner steps must not touch parameter gradients
+    adv = adversarial_target_embeddings(pipe.unet, noisy, t, target, teacher, positions=positions, steps=3,
+                                        radius=0.2, generator=torch.Generator().manual_seed(0))
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert adv.embeds.shape == target.shape and not adv.embeds.requires_grad
+    assert adv.loss_after > adv.loss_before * 1.01, (adv.loss_before, adv.loss_after)
+    delta = adv.embeds - target
+    assert torch.equal(delta[~positions], torch.zeros_like(delta[~positions]))  # only the target's positions move
+    ratio = delta.norm(dim=-1) / target.norm(dim=-1)
+    assert float(ratio.max()) <= 0.2 + 1e-5 and float(ratio.max()) > 0.1
+    assert (adv.unet_forward, adv.unet_backward) == (5, 3)
+    again = adversarial_target_embeddings(pipe.unet, noisy, t, target, teacher, positions=positions, steps=3,
+                                          radius=0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.embeds, adv.embeds)
+    same = adversarial_target_embeddings(pipe.unet, noisy, t, target, teacher, steps=0)
+    assert torch.equal(same.embeds, target) and same.loss_after == same.loss_before
+
+
+def test_adversarial_embeddings_beat_random_perturbations_of_the_same_size():
+    pipe, noisy, t, target, anchor, teacher = _robust_batch(1)
+    positions = target_positions(target, anchor)
+    adv = adversarial_target_embeddings(pipe.unet, noisy, t, target, teacher, positions=positions, steps=4, radius=0.2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        randoms = []
+        for _ in range(4):
+            d = torch.randn(target.shape, generator=g) * positions[..., None]
+            d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) * 0.2 * target.norm(dim=-1, keepdim=True)
+            pred = pipe.unet(noisy, t, target + d).sample
+            randoms.append(float(torch.nn.functional.mse_loss(pred, teacher)))
+    assert adv.loss_after > max(randoms), (adv.loss_after, randoms)
+
+
+# ------------------------------------------------------------------ toy world (slow)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """The README's grumpy cat ablation on the toy world (recipe defaults)."""
+    import os
+
+    root = tmp_path_factory.mktemp("toy_attack")
+    old = os.environ.get("ABLATION_CACHE")
+    os.environ["ABLATION_CACHE"] = str(root / "cache")
+    try:
+        assert main(["train", "--target", "grumpy cat", "--anchor", "cat", "--output-dir", str(root / "run")]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("ABLATION_CACHE", None)
+        else:
+            os.environ["ABLATION_CACHE"] = old
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_prefix_and_relearn_bring_grumpy_cat_back_on_the_plain_ablation(toy_run, tmp_path):
+    """Measured (docs/robustness.md): prefix 0.00 -> 1.00 in 20 iterations per prompt; relearn 0.62 after 24 steps."""
+    report = run_attacks(AttackSettings(ablated=str(toy_run), attacks=("prefix", "relearn"), out=str(tmp_path / "a"),
+                                        device="cpu"))
+    assert report["plain"]["base"] >= 0.9 and report["plain"]["ablated"] <= 0.15, report["plain"]
+    prefix_, relearn_ = report["attacks"]
+    assert prefix_["asr"]["ablated"] >= report["plain"]["ablated"] + 0.5, prefix_["asr"]
+    assert relearn_["details"]["steps_to_recover"] is not None, relearn_["details"]["curve"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="textual inversion does not recover grumpy cat on the toy world yet: 150 steps gave "
+                          "off-distribution images on both models (ASR 0.12-0.38, docs/robustness.md)", strict=False)
+def test_inversion_recovers_grumpy_cat_on_the_plain_ablation(toy_run, tmp_path):
+    """Textual inversion through the ablated toy model brings grumpy cat back (Pham et al. 2023)."""
+    report = run_attacks(AttackSettings(ablated=str(toy_run), attacks=("inversion",), out=str(tmp_path / "a"),
+                                        device="cpu"))
+    a = report["attacks"][0]
+    assert report["plain"]["base"] >= 0.9 and report["plain"]["ablated"] <= 0.15, report["plain"]
+    assert a["asr"]["ablated"] >= report["plain"]["ablated"] + 0.5, a["asr"]
