@@ -446,6 +446,8 @@ def check_family_options(config, family: str) -> None:
             raise ConfigError("--params text-kv+embedders is a group of SD3/FLUX transformers; UNet models train "
                               "cross-attn, attn, full or embedding")
         return
+    if getattr(config, "robust", False):
+        raise ConfigError(f"--robust is implemented for UNet models (SD1/SD2/SDXL), not {family}")
     if config.params not in MMDIT_GROUPS:
         raise ConfigError(f"--params {config.params} is implemented for UNet models (SD1/SD2/SDXL), not {family}; "
                           f"choose one of {', '.join(MMDIT_GROUPS)}")

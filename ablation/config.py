@@ -107,6 +107,17 @@ class TrainConfig:
         "tokens of prompts outside the ablated families (ablation/preserve.py; an addition to the paper, 0 = off; "
         "default: on for the toy model's cross-attention runs, off in the paper setting)", default=None)
 
+    robust: bool = _help(
+        "harden the ablation against the attacks of `ablate attack`: on every --robust-every-th step, a few ascent "
+        "steps find target conditioning (within --robust-radius of the target prompt's) that brings the target "
+        "back, and the ablation loss is applied to it too (AdvUnlearn / Receler style; costs --robust-steps extra "
+        "forward and backward passes per use). Model-based variant, UNet groups", default=False)
+    robust_every: int = _help("--robust: use the adversary every N micro-steps", default=1)
+    robust_steps: int = _help("--robust: ascent steps of the adversary", default=3)
+    robust_radius: float = _help("--robust: per-token bound of the perturbation, relative to the token's norm",
+                                 default=0.1)
+    robust_weight: float = _help("--robust: weight of the ablation loss on the adversarial conditioning", default=1.0)
+
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float | None = _help("AdamW learning rate (base rate if --scale-lr)", default=None)
     scale_lr: bool | None = _help("multiply the learning rate by batch size x accumulation x processes",
@@ -205,6 +216,12 @@ class TrainConfig:
             raise ConfigError("--anchor-images / --retrieval give real images: use them with --variant image-based")
         if self.anchor_images and self.retrieval:
             raise ConfigError("give either --anchor-images or --retrieval, not both")
+        if self.robust and (self.variant != "model-based" or self.params == "embedding"):
+            raise ConfigError("--robust needs the model-based variant and a UNet group (--params cross-attn, attn or "
+                              "full): the adversary moves the UNet's text conditioning")
+        if self.robust_every < 1 or self.robust_steps < 1 or self.robust_radius <= 0 or self.robust_weight < 0:
+            raise ConfigError("--robust-every and --robust-steps must be >= 1, --robust-radius > 0, "
+                              "--robust-weight >= 0")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ConfigError(f"--stop-after-steps must be >= 1, got {self.stop_after_steps}")
 
@@ -405,26 +422,29 @@ PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor
 #: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
 #: anchor generation included, must fit in a few CPU minutes. Tuned on the toy model (docs/paper-parity.md,
 #: `scripts/fidelity_sweep.py`, all 31 concepts judged): instances and styles train the target's own token rows
-#: (`embedding`, lr 1e-2). With cross-attn, every setting tried that removed grumpy cat also changed concepts of
+#: (`embedding`). With cross-attn, every setting tried that removed grumpy cat also changed concepts of
 #: other families (lr 1e-4: 5.3% of control images changed class, c-3po 1.00 -> 0.62; lr 5e-5: 7.2%; teacher
 #: `same`: 5.3%; the control-prompt penalty at weight 100: 3.9% with the target only half removed, at 1000: no
 #: ablation), because the toy text encoder is 64 wide and its token states are entangled; the embedding group
 #: removes the target (0.00) with no control image changed. It retrains rows shared with every prompt using the
 #: same words (e.g. "van" of Van Gogh), which the run warns about.
 TOY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "instance": dict(params="embedding", learning_rate=1e-2, max_steps=200, train_batch_size=8, hflip=False,
+    "instance": dict(params="embedding", learning_rate=2e-2, max_steps=60, train_batch_size=8, hflip=False,
                      augment=False),
-    "style": dict(params="embedding", learning_rate=1e-2, max_steps=200, train_batch_size=8, hflip=True,
+    "style": dict(params="embedding", learning_rate=2e-2, max_steps=60, train_batch_size=8, hflip=True,
                   augment=False),
     "nudity": dict(params="attn", learning_rate=3e-4, max_steps=200, train_batch_size=8, hflip=False, augment=False),
     "memorization": dict(params="full", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False,
                          augment=False),
 }
 #: the toy rate of a group the user chose (a rate tuned for token rows would wreck a UNet group)
-TOY_GROUP_LR: dict[str, float] = {"embedding": 1e-2, "cross-attn": 1e-4, "attn": 3e-4, "full": 1e-4}
-TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=128, teacher="frozen",
+TOY_GROUP_LR: dict[str, float] = {"embedding": 2e-2, "cross-attn": 1e-4, "attn": 3e-4, "full": 1e-4}
+#: 16 anchors sampled in 10 DDIM steps and 60 steps at 2e-2: the same quality as 128 anchors x 25 steps and 200
+#: steps at 1e-2 (grumpy cat 0.94 -> 0.00, van gogh 1.00 -> 0.00, every other concept unchanged, 16 images each;
+#: also 8 anchors / 40 steps at 3e-2), in a fraction of the time (docs/performance.md).
+TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=16, teacher="frozen",
                                   preserve_weight=0.0,
-                                  anchor_scheduler="ddim", anchor_steps=25, anchor_guidance=6.0)
+                                  anchor_scheduler="ddim", anchor_steps=10, anchor_guidance=6.0)
 
 
 #: SD3 / SD3.5 / FLUX (docs/mmdit.md), overlaid on the paper's table: these models do not fit next to a dense

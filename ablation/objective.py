@@ -39,6 +39,7 @@ class Batch:
     target_cond: PromptEmbeddings
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss mask of the resize augmentation
     prior: Batch | None = None  # the prior-preservation half (its anchor_cond is its own conditioning)
+    adversary_seed: int | None = None  # set on the micro-steps where --robust adds adversarial target prompts
 
 
 def micro_step_seed(seed: int, micro_step: int, rank: int) -> int:
@@ -90,8 +91,11 @@ class Objective:
             p_noisy, p_t, p_target = self._noise(p_latents, g)
             prior_cond = data.embeddings.select(data.anchor_rows[p_idx])
             prior = Batch(p_noisy, p_t, p_target, anchor_cond=prior_cond, target_cond=prior_cond)
+        adversary = None
+        if cfg.robust and micro_step >= 0 and micro_step % cfg.robust_every == 0:
+            adversary = int(torch.randint(0, 2**62, (1,), generator=g))
         return Batch(noisy=noisy, timesteps=t, target=target, anchor_cond=data.embeddings.select(data.anchor_rows[idx]),
-                     target_cond=target_cond, mask=mask, prior=prior)
+                     target_cond=target_cond, mask=mask, prior=prior, adversary_seed=adversary)
 
     def _draw_latents(self, bsz: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.data.latents), (bsz,), generator=g)
@@ -144,6 +148,10 @@ class Objective:
             main = losses.noise_based_loss(student, batch.target, batch.mask)
         parts = {"ablation": float(main.detach())}
         total = main
+        if batch.adversary_seed is not None:  # --robust: the target's neighbourhood must map to the anchor too
+            robust = self._robust_loss(batch, teacher)
+            parts["robust"] = float(robust.detach())
+            total = total + cfg.robust_weight * robust
         if prior is not None:
             prior_loss = losses.prior_preservation_loss(prior_pred, prior.target, cfg.prior_weight)
             parts["prior"] = float(prior_loss.detach())
@@ -153,6 +161,32 @@ class Objective:
             parts["preserve"] = float(penalty.detach())
             total = total + cfg.preserve_weight * penalty
         return total, parts
+
+
+    def _robust_loss(self, batch: Batch, teacher: torch.Tensor) -> torch.Tensor:
+        """Ablation loss on adversarial target conditioning found by a few ascent steps (ablation/attacks/robust.py).
+
+        Works on the UNet's text conditioning: the attack that moves it (`prefix`, `inversion` or new wordings)
+        is what the plain ablation leaves open.
+        """
+        from ablation.attacks.robust import adversarial_target_embeddings, target_positions
+
+        cfg = self.cfg
+        target = batch.target_cond
+        kwargs = None
+        if target.pooled is not None:  # SDXL: the same pooled embeddings and size ids as `predict` passes
+            from ablation.data import sdxl_time_ids
+
+            size = batch.noisy.shape[-1] * self.adapter.vae_scale_factor
+            kwargs = {"text_embeds": target.pooled,
+                      "time_ids": sdxl_time_ids(size, len(batch.noisy), batch.noisy.device, target.pooled.dtype)}
+        adv = adversarial_target_embeddings(
+            self.base_unet, batch.noisy, batch.timesteps, target.embeds, teacher,
+            positions=target_positions(target.embeds, batch.anchor_cond.embeds), steps=cfg.robust_steps,
+            radius=cfg.robust_radius, generator=torch.Generator().manual_seed(batch.adversary_seed),
+            added_cond_kwargs=kwargs)
+        student = self.predict(self.unet, batch.noisy, batch.timesteps, PromptEmbeddings(adv.embeds, target.pooled))
+        return losses.model_based_loss(student, teacher, batch.mask)
 
 
 def _cat(a: PromptEmbeddings, b: PromptEmbeddings) -> PromptEmbeddings:

@@ -342,3 +342,22 @@ def test_inversion_recovers_grumpy_cat_on_the_plain_ablation(toy_run, tmp_path):
     a = report["attacks"][0]
     assert report["plain"]["base"] >= 0.9 and report["plain"]["ablated"] <= 0.15, report["plain"]
     assert a["asr"]["ablated"] >= report["plain"]["ablated"] + 0.5, a["asr"]
+
+
+def test_robust_training_adds_the_adversarial_term(tmp_path, model_dir):
+    """--robust: the loss gains a `robust` part on the adversary's micro-steps, and the run stays resumable-pure."""
+    from ablation.config import ConfigError, build_config
+    from ablation.trainer import train
+
+    values = dict(model=model_dir, target=["Grumpy Cat"], anchor=["Cat"], resolution=32, num_anchor_images=4,
+                  anchor_steps=2, anchor_scheduler="ddim", max_steps=4, train_batch_size=2, learning_rate=3e-3,
+                  prior_preservation=False, checkpointing_steps=0, cache_dir=str(tmp_path / "cache"),
+                  params="cross-attn", teacher="frozen")
+    plain = train(build_config(None, {**values, "output_dir": str(tmp_path / "plain")}))
+    robust = train(build_config(None, {**values, "output_dir": str(tmp_path / "robust"), "robust": True,
+                                       "robust_every": 2}))
+    assert robust.steps == plain.steps == 4
+    # micro-steps 0 and 2 add the adversarial term (robust_every 2): their losses grow, the others start equal
+    assert robust.losses[0] > plain.losses[0] and robust.losses[2] != plain.losses[2]
+    with pytest.raises(ConfigError, match="--robust needs the model-based variant"):
+        build_config(None, {**values, "robust": True, "params": "embedding"})
