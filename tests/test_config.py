@@ -138,7 +138,7 @@ def test_defaults_table_toy_versus_paper():
     assert paper.resolution == 512 and paper.prior_preservation is True
     toy = resolve_defaults(config, toy=True, **common)
     # toy instances train the target's token rows (docs/paper-parity.md); no prior term (it has no gradient there)
-    assert (toy.params, toy.learning_rate, toy.scale_lr, toy.prior_preservation) == ("embedding", 1e-2, False, False)
+    assert (toy.params, toy.learning_rate, toy.scale_lr, toy.prior_preservation) == ("embedding", 2e-2, False, False)
     cross = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="cross-attn"), toy=True, **common)
     assert cross.prior_preservation is True and cross.learning_rate == 1e-4  # the group's own toy rate
     assert resolve_defaults(config, toy=False, **{**common, "concept_types": ["memorization"]}).params == "full"
