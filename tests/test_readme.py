@@ -40,6 +40,8 @@ SKIPS = [  # (pattern, reason): the first match decides
 ]
 SLOW = [  # (pattern, reason): run only in the slow suite (as written, full length)
     (r"^ablate eval ", "generates hundreds of images with two models (minutes on a CPU)"),
+    (r"^ablate attack ", "five attacks at their default budgets (minutes on a CPU); tests/test_attacks.py runs each "
+                         "one fast on a tiny pipeline"),
     (r"^ablate train --target |^accelerate launch ablate\.py --config recipes/toy/",
      "another toy training run, the first command's code path (the fast suite keeps its budget in check)"),
 ]
