@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from ablation.attacks import ATTACKS, AttackSettings, adversarial_target_embeddings, run_attacks
 from ablation.attacks.common import PLACEHOLDER, placeholder_id, replace_name, token_overrides
@@ -13,28 +12,14 @@ from ablation.attacks.robust import target_positions
 from ablation.checkpoint import make_metadata, pipeline_config_hash, save_delta
 from ablation.cli import main
 from ablation.evaluation.clip_judge import ClipJudge
-from ablation.testing import tiny_pipeline
-from ablation.tokenizer_util import clip_tokenizer
+from ablation.testing import tiny_clip, tiny_pipeline
 
 TINY = dict(num_prompts=2, num_samples=1, num_references=2, steps=2, batch_size=4, device="cpu")
 TINY_BUDGETS = {"prompts": 3, "text-search": 32, "prefix": 2, "inversion": 2, "relearn": 2}
 
 
 def _tiny_clip(path):
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2),
-        projection_dim=16)
-    CLIPModel(config).eval().save_pretrained(path)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=clip_tokenizer())
-    processor.save_pretrained(path)
-    return str(path)
+    return tiny_clip(path)
 
 
 @pytest.fixture(scope="module")
