@@ -64,3 +64,26 @@ def test_plain_from_pretrained_gives_float32_everywhere():
     plain = StableDiffusionPipeline.from_pretrained(pipeline_dir())
     assert {m.dtype for m in (plain.unet, plain.vae, plain.text_encoder)} == {torch.float32}
     assert CLIPModel.from_pretrained(clip_dir()).dtype == torch.float32
+
+
+def test_shipped_weights_store_each_file_once():
+    """The upscaler reuses the pipeline's text tower and every folder the package's tokenizer files (relative
+    links), so no two regular files of the shipped weights are byte-identical; every link resolves in the package."""
+    import hashlib
+
+    from ablation.toyworld import WEIGHTS_DIR
+
+    package = WEIGHTS_DIR.parents[1]
+    seen: dict[str, str] = {}
+    links = 0
+    for path in sorted(WEIGHTS_DIR.rglob("*")):
+        if path.is_symlink():
+            links += 1
+            target = path.resolve()
+            assert target.is_file() and package in target.parents, path
+            continue
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert digest not in seen, f"{path} duplicates {seen[digest]}"
+            seen[digest] = str(path)
+    assert links >= 11
