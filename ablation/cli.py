@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"ablate: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    import os
+
+    from ablation.quiet import quiet_libraries
+
+    # Every program: library output a user cannot act on stays hidden (ABLATION_VERBOSE=1 shows it).
+    quiet_libraries(verbose=bool(os.environ.get("ABLATION_VERBOSE")))
     module_name, func_name = SUBCOMMANDS[command][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)

@@ -33,8 +33,9 @@ def load_upscaler(model: str, device: str | torch.device | None = None, torch_dt
     from diffusers import StableDiffusionUpscalePipeline
 
     from ablation.evaluation.clip_judge import auto_device
+    from ablation.models import dtype_kwarg
 
-    pipe = StableDiffusionUpscalePipeline.from_pretrained(resolve_upscaler(model), torch_dtype=torch_dtype,
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(resolve_upscaler(model), **dtype_kwarg(torch_dtype),
                                                           use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or auto_device())
