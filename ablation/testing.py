@@ -239,3 +239,43 @@ def tiny_clip(path) -> str:
                               tokenizer=clip_tokenizer())
     processor.save_pretrained(path)
     return str(path)
+
+
+#: the trained tensors of the default group, by parameter-name suffix
+CROSS_ATTN_WEIGHTS = ("attn2.to_k.weight", "attn2.to_v.weight")
+
+
+def parameter_names(module, suffixes=CROSS_ATTN_WEIGHTS) -> list[str]:
+    """Names of a module's parameters ending in one of `suffixes`."""
+    return [n for n, _ in module.named_parameters() if n.endswith(suffixes)]
+
+
+def perturb(module, names, seed: int = 1, scale: float = 0.1) -> None:
+    """Add seeded Gaussian noise to the named parameters in place (a stand-in for training)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].add_(scale * torch.randn(params[n].shape, generator=gen))
+
+
+def unet_output(pipe) -> torch.Tensor:
+    """The UNet's prediction on a fixed input (latents, timestep 10, "a photo of a cat"): what an export must keep."""
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=gen)
+    ids = pipe.tokenizer(["a photo of a cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = pipe.text_encoder(ids)[0]
+        return pipe.unet(latents, 10, encoder_hidden_states=text).sample
+
+
+def delta_metadata(pipe, **overrides) -> dict[str, str]:
+    """`make_metadata` for a made-up cross-attn grumpy-cat delta of `pipe` (fields overridable)."""
+    from ablation.delta import make_metadata, pipeline_config_hash
+
+    args = dict(base_model="toy", base_config_hash=pipeline_config_hash(pipe),
+                concepts=[{"target": "grumpy cat", "anchor": "cat"}], params="cross-attn", lora_rank=0, steps=3,
+                learning_rate=2e-6, variant="model-based")
+    args.update(overrides)
+    return make_metadata(**args)

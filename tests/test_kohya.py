@@ -9,18 +9,9 @@ from safetensors import safe_open
 
 from ablation import checkpoint as ckpt
 from ablation.testing import tiny_pipeline
+from ablation.testing import unet_output as _unet_out
 
 ATTN_PROJ = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight")
-
-
-def _unet_out(pipe) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=gen)
-    ids = pipe.tokenizer(["a photo of a cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        text = pipe.text_encoder(ids)[0]
-        return pipe.unet(latents, 10, encoder_hidden_states=text).sample
 
 
 def _meta(pipe) -> dict[str, str]:

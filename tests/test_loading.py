@@ -15,40 +15,11 @@ from ablation import models
 from ablation.cli import main as cli_main
 from ablation.config import ConfigError
 from ablation.merge import layer_delta
+from ablation.testing import delta_metadata as _meta
+from ablation.testing import parameter_names as _names
+from ablation.testing import perturb as _perturb
 from ablation.testing import tiny_pipeline
-
-CROSS_ATTN = ("attn2.to_k.weight", "attn2.to_v.weight")
-
-
-def _names(module, suffixes=CROSS_ATTN) -> list[str]:
-    return [n for n, _ in module.named_parameters() if n.endswith(suffixes)]
-
-
-def _perturb(module, names, seed=1, scale=0.1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for n in names:
-            params[n].add_(scale * torch.randn(params[n].shape, generator=gen))
-
-
-def _meta(pipe, **kw) -> dict[str, str]:
-    args = dict(base_model="toy", base_config_hash=ckpt.pipeline_config_hash(pipe),
-                concepts=[{"target": "grumpy cat", "anchor": "cat"}], params="cross-attn", lora_rank=0, steps=3,
-                learning_rate=2e-6, variant="model-based")
-    args.update(kw)
-    return ckpt.make_metadata(**args)
-
-
-def _unet_out(pipe) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=gen)
-    ids = pipe.tokenizer(["a photo of a cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    dtype = pipe.unet.dtype
-    with torch.no_grad():
-        text = pipe.text_encoder(ids)[0]
-        return pipe.unet(latents.to(dtype), 10, encoder_hidden_states=text.to(dtype)).sample.float()
+from ablation.testing import unet_output as _unet_out
 
 
 def _one_error_line(capsys, match: str) -> str:
