@@ -2,7 +2,7 @@
 
 import sys
 
-from ablation.train_cli import main
+from ablation.train_cli import main, process_start
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], started_at=process_start()))

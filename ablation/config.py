@@ -164,7 +164,8 @@ class TrainConfig:
     mixed_precision: MixedPrecision = _help("frozen weights in fp16/bf16, trained weights stay fp32",
                                             default="no")
     gradient_checkpointing: bool = _help("trade compute for UNet activation memory", default=False)
-    use_8bit_adam: bool = _help("bitsandbytes AdamW8bit (GPU)", default=False)
+    use_8bit_adam: bool = _help("bitsandbytes AdamW8bit (GPU; the optional extra: pip install -e \".[8bit]\")",
+                                default=False)
 
     # --- output ---------------------------------------------------------------------------------
     output_dir: str | None = _help("run directory (default: outputs/<target>)", default=None)

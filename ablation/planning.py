@@ -172,7 +172,8 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes")
+            raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install -e \".[8bit]\" "
+                              "(or pip install bitsandbytes)")
     out = Path(resolved.output_dir or Path("outputs") / slug("-".join(c.target for c in concepts))).expanduser()
     resolved.output_dir = str(out)
     _check_output_dir(out)

@@ -144,8 +144,19 @@ def _remove_if_unused(output_dir, existed: bool) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 = bad input, 1 = training failed or the disk is full)."""
+def process_start() -> float:
+    """`time.time()` at which this process started (interpreter start-up and imports count as start-up)."""
+    import psutil  # an accelerate dependency
+
+    return psutil.Process().create_time()
+
+
+def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
+    """Entry point; returns the exit status (2 = bad input, 1 = training failed or the disk is full).
+
+    `started_at` (`time.time()`): where the `start-up` phase of `timings.json` starts; the programs pass their
+    process start (`process_start()`), in-process callers leave it out and time from `train()`.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_config(argv)
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     existed = plan.output_dir.exists()
     try:
-        result = train(config, plan)
+        result = train(config, plan, started_at=started_at)
     except ConfigError as e:
         from ablation.runlock import RunLockedError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from ablation.training_data import TrainingData, prepare_data
 
 __all__ = ["TrainResult", "TrainingError", "list_checkpoints", "plan_run", "train"]
 
-OUTPUT_ARTEFACTS = ("checkpoints", "delta.safetensors", "pipeline", "lora", "logs", "debug", "config.yaml", "README.md")
+OUTPUT_ARTEFACTS = ("checkpoints", "delta.safetensors", "pipeline", "lora", "logs", "debug", "config.yaml", "README.md",
+                    "timings.json")
 
 
 class TrainingError(RuntimeError):
@@ -60,6 +62,21 @@ class TrainResult:
     stopped_early: bool = False
     exports: list[Path] = field(default_factory=list)
     pipeline: Any = None  # the trained pipeline (in memory; LoRA adapters unmerged)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # also written to timings.json
+
+
+class _Phases:
+    """Wall seconds per phase of a run. The first, `start-up`, counts from `started_at` (a `time.time()`; the CLI
+    passes its process start, so interpreter and imports count and the phases add up to what a user waits for)."""
+
+    def __init__(self, started_at: float | None) -> None:
+        self.seconds = {"start-up": round(time.time() - started_at, 3) if started_at else 0.0}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self._t = now
 
 
 def _lock_output(plan: RunPlan):
@@ -150,13 +167,15 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     return unet, optimizer, trainable, objective, lr
 
 
-def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainResult:
+def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_at: float | None = None) -> TrainResult:
     """Run an ablation: the whole program behind `ablate train`.
 
     Args:
         config: the user configuration (validated by its constructor).
         plan: an already checked plan (else `plan_run(config, pipe)` is called).
         pipe: an already loaded pipeline to train in place (no second load); else `plan.model_path` is loaded.
+        started_at: `time.time()` at which the user started waiting (the CLI: its process start); the
+            `start-up` phase of `timings.json` counts from there.
 
     Returns:
         The run's outputs and loss history.
@@ -174,6 +193,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
     from ablation.models import load_pipeline
     from ablation.params import target_token_ids
 
+    phases = _Phases(started_at)
     plan = plan or plan_run(config, pipe)
     cfg = plan.config
     # Created after planning (which writes nothing) and before any write; it reads ACCELERATE_USE_CPU etc.
@@ -192,9 +212,12 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
     set_seed(cfg.seed)
     device = accelerator.device
 
+    phases.mark("start-up")  # planning and accelerate belong to start-up too
     pipe = (pipe if pipe is not None else load_pipeline(plan.model_path, model_config=cfg.model_config)).to(device)
     pipe.set_progress_bar_config(disable=True)
+    phases.mark("load")
     data, generated = prepare_data(plan, pipe, accelerator)
+    phases.mark("anchor data")
     with torch.no_grad(), accelerator.autocast():
         data.embeddings = training_adapter(pipe).encode_prompts(pipe, data.prompts, device).to(device, torch.float32)
     token_ids = None
@@ -229,6 +252,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
                 cfg.params, cfg.variant, f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "", cfg.max_steps,
                 len(data.latents), len(data.prompts), lr, accelerator.num_processes)
 
+    phases.mark("setup")  # prompt encoding, trainable group, teacher, optimizer
     initial_loss = _fixed_batch_loss(objective, accelerator)
     result = TrainResult(plan.output_dir, None, step, lr, initial_loss=initial_loss,
                          anchor_images_generated=generated, pipeline=pipe)
@@ -267,6 +291,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
     progress.close()
     result.steps = step
     result.final_loss = _fixed_batch_loss(objective, accelerator)
+    phases.mark("train")
     if cfg.debug_checksums:
         atomic_write_text(plan.output_dir / "debug" / f"rank-{accelerator.process_index}.json",
                       json.dumps({"rank": accelerator.process_index, "num_processes": accelerator.num_processes,
@@ -279,6 +304,12 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None) -> TrainR
         return result
     if accelerator.is_main_process:
         result.delta_path, result.exports = _write_outputs(plan, pipe, trainable, token_ids, step, lr, checkpoint)
+        phases.mark("save")
+        result.phase_seconds = phases.seconds
+        atomic_write_text(plan.output_dir / "timings.json", json.dumps(
+            {"phase_seconds": phases.seconds, "total_s": round(sum(phases.seconds.values()), 3),
+             "anchor_images_generated": generated, "steps": step}, indent=2) + "\n")
+        logger.info("phases (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.seconds.items()))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

@@ -8,6 +8,16 @@ Prints one JSON object with, per model:
   * `peak_rss_mb` (resource.getrusage) and, on CUDA, `peak_cuda_allocated_mb` (torch.cuda.max_memory_allocated),
     both taken right after the end-to-end run; `anchor_peak_cuda_allocated_mb` for the sampler alone.
 
+`--compare` (toy model, CPU): end-to-end `ablate train` runs of named configurations, each a fresh process on an
+empty anchor cache, then judged. One JSON line per configuration and task with the run's phase times (its
+`timings.json`: start-up from process start, load, anchor data, setup, train, save), anchor images/s, train
+steps/s, wall seconds, the child's peak RSS, and the quality the time bought (`ablation.evaluation.collateral.
+measure`, toy CLIP and toy classifier, held-out prompts, `--per-concept` images each): target, anchor and
+surrounding accuracy base -> ablated and the fraction of other concepts' images whose judged class changed.
+
+    python scripts/benchmark_train.py --compare                      # paper-matched vs defaults, both tasks
+    python scripts/benchmark_train.py --compare defaults --tasks grumpy-cat
+
 Models: `toy` (the embedded toy-world model, skipped with a note when its weights are missing) and `sd15`
 (the real SD 1.5 UNet / VAE / text-encoder configs with random weights, built once into --workdir; no download).
 Each model runs in its own subprocess so that peak memory and accelerate's global state are per model.
@@ -52,6 +62,19 @@ SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
                       set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 # The benchmark concept: an instance without prior preservation (the paper's R2D2 -> robot setting).
 TARGET, ANCHOR = "R2D2", "robot"
+
+# --compare: the issue's side-by-side setting (200 anchors from DPM-Solver++ 25 steps, guidance 6; 100 steps at
+# batch 4 on cross-attention K/V, model-based; the toy world's cross-attention learning rate) and the defaults.
+COMPARE_CONFIGS = {
+    "paper-matched": ["--params", "cross-attn", "--num-anchor-images", "200", "--anchor-scheduler", "dpm++",
+                      "--anchor-steps", "25", "--anchor-guidance", "6", "--max-steps", "100",
+                      "--train-batch-size", "4", "--learning-rate", "1e-4"],
+    "defaults": [],
+}
+COMPARE_TASKS = {  # name -> (target, anchor, extra options); grumpy cat keeps prior preservation as in the table
+    "grumpy-cat": ("Grumpy Cat", "Cat", []),
+    "van-gogh": ("Van Gogh", "Painting", []),
+}
 
 
 def build_sd15(path: Path) -> None:
@@ -170,6 +193,98 @@ def bench_model(name: str, args) -> dict:
     return result
 
 
+def _child_peak_rss(cmd: list[str], env: dict) -> tuple[int, float, float]:
+    """Run `cmd` in a wrapper process whose only child it is: (exit status, wall s, the child's peak RSS MB)."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); rc = subprocess.run(sys.argv[1:])"
+               ".returncode; w = time.perf_counter() - t; "
+               "print(rc, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, stdout=subprocess.PIPE, text=True)
+    rc, wall, rss = out.stdout.split()[-3:]
+    return int(rc), float(wall), float(rss)
+
+
+def _run_and_judge(row: dict, cli_args: list[str], targets: list[str], out: Path, cache: Path, base, judges,
+                   per_concept: int) -> dict:
+    """One `ablate train` process (timed, peak RSS), then every toy concept judged base vs ablated (not timed).
+
+    `quality`: per target [base, ablated] accuracy by each judge; the worst drop among every anchor and other
+    concept of the targets' families (`worst_kept`); the fraction of all non-target images whose judged class
+    changed (`changed_fraction`).
+    """
+    from ablation.evaluation.collateral import measure
+    from ablation.toyworld import catalog
+
+    cmd = [sys.executable, "-m", "ablation.cli", "train", "--output-dir", str(out), "--overwrite", *cli_args]
+    rc, wall, rss = _child_peak_rss(cmd, {**os.environ, "ABLATION_CACHE": str(cache)})
+    if rc != 0:
+        return {**row, "error": f"exit {rc}"}
+    timings = json.loads((out / "timings.json").read_text())
+    phases = timings["phase_seconds"]
+    row.update(end_to_end_s=round(wall, 2), phase_seconds=phases, peak_rss_mb=round(rss, 1),
+               anchor_images=timings["anchor_images_generated"],
+               anchor_images_per_s=round(timings["anchor_images_generated"] / phases["anchor data"], 2)
+               if timings["anchor_images_generated"] else None,
+               train_steps=timings["steps"], train_steps_per_s=round(timings["steps"] / phases["train"], 2))
+    cat = catalog()
+    quality = measure(base, out, concepts=list(cat.concepts), per_concept=per_concept, judges=judges)
+    rows = quality["concepts"]
+
+    def acc(c: str) -> dict:
+        return {j: [round(rows[c][j]["base"], 3), round(rows[c][j]["ablated"], 3)] for j in quality["judges"]}
+
+    kept = sorted({c for t in targets for c in cat.family_of_target(t).classes} - set(targets))
+    worst = {j: max(kept, key=lambda c: rows[c][j]["base"] - rows[c][j]["ablated"]) for j in quality["judges"]}
+    others = [c for c in cat.concepts if c not in targets]
+    changed = {j: round(float(sum(rows[c][j]["changed"] * rows[c]["num_images"] for c in others)
+                              / sum(rows[c]["num_images"] for c in others)), 4) for j in quality["judges"]}
+    row["quality"] = {"targets": {t: acc(t) for t in targets},
+                      "worst_kept": {j: [c, round(rows[c][j]["base"] - rows[c][j]["ablated"], 3)]
+                                     for j, c in worst.items()},
+                      "changed_fraction": changed, "per_concept": per_concept}
+    return row
+
+
+def compare(names: list[str], tasks: list[str], per_concept: int, workdir: Path) -> list[dict]:
+    """`--compare`: each configuration x task end to end in a fresh process, then judged (not timed)."""
+    from ablation.evaluation.collateral import toy_judges
+    from ablation.models import load_pipeline
+
+    judges, base, rows = toy_judges(), load_pipeline("toy"), []
+    for task in tasks:
+        target, anchor, extra = COMPARE_TASKS[task]
+        for name in names:
+            row = {"config": name, "task": task, "options": COMPARE_CONFIGS[name] + extra}
+            row = _run_and_judge(row, ["--target", target, "--anchor", anchor, *COMPARE_CONFIGS[name], *extra],
+                                 [target.lower()], workdir / f"{task}-{name}", workdir / f"cache-{task}-{name}",
+                                 base, judges, per_concept)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+# --many: the toy world's targets in this order, the first n in one run
+MANY_TARGETS = [("Grumpy Cat", "Cat"), ("Snoopy", "Dog"), ("Nemo", "Fish"), ("R2D2", "Robot"),
+                ("Van Gogh", "Painting"), ("Monet", "Painting"), ("Salvador Dali", "Painting"),
+                ("Greg Rutkowski", "Painting"), ("the iconic lighthouse at dawn poster", "lighthouse"),
+                ("the famous red balloon over paris photograph", "balloon")]
+
+
+def many(counts: list[int], extra: list[str], per_concept: int, workdir: Path) -> list[dict]:
+    """`--many`: n concepts in one run for each n in `counts` (fresh cache each), then judged."""
+    from ablation.evaluation.collateral import toy_judges
+    from ablation.models import load_pipeline
+
+    judges, base, rows = toy_judges(), load_pipeline("toy"), []
+    for n in counts:
+        pairs = MANY_TARGETS[:n]
+        cli = [a for t, anc in pairs for a in ("--target", t, "--anchor", anc)] + extra
+        row = _run_and_judge({"concepts": n, "options": extra}, cli, [t.lower() for t, _ in pairs],
+                             workdir / f"many-{n}", workdir / f"cache-many-{n}", base, judges, per_concept)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -179,6 +294,14 @@ def _sync(device: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", nargs="*", choices=sorted(COMPARE_CONFIGS), default=None,
+                        help="end-to-end comparison of these configurations on the toy model (none named: all)")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(COMPARE_TASKS), default=sorted(COMPARE_TASKS),
+                        help="--compare: the tasks")
+    parser.add_argument("--many", type=int, nargs="+", default=None, metavar="N",
+                        help="several concepts in one run: the first N toy targets, for each N given (e.g. 1 2 5 10)")
+    parser.add_argument("--train-args", default="", help="--many: extra `ablate train` options (one string)")
+    parser.add_argument("--per-concept", type=int, default=8, help="--compare/--many: judged images per concept")
     parser.add_argument("--only", choices=("toy", "sd15"), help="benchmark one model (default: both)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--steps", type=int, default=2, help="training steps of the timed runs (also 2x this)")
@@ -209,6 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--steps must be >= 1")
     with tempfile.TemporaryDirectory(prefix="ablation-bench-") as tmp:
         args.workdir = args.workdir or tmp
+        if args.many:
+            import shlex
+
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+            rows = many(args.many, shlex.split(args.train_args), args.per_concept, Path(args.workdir))
+            print(json.dumps(rows, indent=2))
+            return 0
+        if args.compare is not None:
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+            rows = compare(args.compare or list(COMPARE_CONFIGS), args.tasks, args.per_concept, Path(args.workdir))
+            print(json.dumps(rows, indent=2))
+            return 0
         if args.only and args.json_out:  # child: one model, result to a file
             Path(args.json_out).write_text(json.dumps(bench_model(args.only, args)))
             return 0

@@ -158,3 +158,25 @@ def test_8bit_adam_where_bitsandbytes_runs(model_dirs, tmp_path):
         pytest.skip(f"bitsandbytes 8-bit AdamW does not run on this machine: {e}")
     result = run(model_dirs["sd1"], tmp_path, teacher="same", max_steps=3, use_8bit_adam=True)
     assert result.final_loss < result.initial_loss
+
+
+def test_timings_json_accounts_for_the_run(model_dirs, tmp_path):
+    import json
+    import time
+
+    started = time.time() - 1.5  # as if the process had started 1.5 s before train()
+    values = dict(model=model_dirs["sd1"], target=["Grumpy Cat"], anchor=["Cat"], resolution=32, num_anchor_images=8,
+                  anchor_steps=2, max_steps=3, train_batch_size=4, prior_preservation=False, checkpointing_steps=0,
+                  output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), overwrite=True)
+    t0 = time.time()
+    result = train(build_config(None, values), started_at=started)
+    wall = time.time() - started
+    timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    phases = timings["phase_seconds"]
+    assert list(phases) == ["start-up", "load", "anchor data", "setup", "train", "save"]
+    assert phases == result.phase_seconds and all(v >= 0 for v in phases.values())
+    assert 1.5 <= phases["start-up"] < 1.5 + (time.time() - t0)
+    assert abs(timings["total_s"] - wall) < 0.5  # the phases add up to the wait
+    assert timings["anchor_images_generated"] == 8 and timings["steps"] == 3
+    again = train(build_config(None, values))  # warm cache: no anchors, start-up from train() only
+    assert again.anchor_images_generated == 0 and again.phase_seconds["start-up"] < 1.0  # planning only
