@@ -94,9 +94,14 @@ def _model_name(pipe, given: str | None) -> str:
     name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
     if not name:  # an in-memory pipeline: the label keeps it out of the toy defaults (`model` defaults to toy)
         return "in-memory"
-    from ablation.models import TOY_MODEL_ID, is_toy
+    from ablation.models import TOY_MODELS, is_toy
 
-    return TOY_MODEL_ID if is_toy(str(name)) else str(name)
+    if is_toy(str(name)):
+        from ablation.toyworld import WEIGHTS_DIR
+
+        return next(i for i, folder in TOY_MODELS.items()
+                    if str(name) == i or Path(name).resolve() == (WEIGHTS_DIR / folder).resolve())
+    return str(name)
 
 
 def _reset_accelerate_if_single_process() -> None:

@@ -458,6 +458,11 @@ MMDIT_DEFAULTS: dict[str, dict[str, Any]] = {
     "flux": dict(anchor_guidance=3.5),
     "flux-schnell": dict(anchor_guidance=0.0, anchor_steps=4),
 }
+#: the toy MMDiT (`--model toy-sd3`): the text K/V group with LoRA as on real MMDiTs, anchors as the toy UNet's
+#: (10 sampler steps, guidance 6, the setting its quality was measured at); rate and steps from the sweep in
+#: docs/mmdit.md
+TOY_MMDIT: dict[str, Any] = dict(params="cross-attn", anchor_steps=10, anchor_guidance=6.0, learning_rate=1e-3,
+                                 max_steps=100, train_batch_size=8)
 
 
 def learning_rate(config: TrainConfig, num_processes: int) -> float:
@@ -496,11 +501,13 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         lora_rank = defaults["lora_rank"] if lora_rank is None else lora_rank
         if lora_rank:
             defaults.update(MMDIT_LORA)
+        if toy:
+            defaults.update(TOY_MMDIT)
     lora_rank = lora_rank or 0
     defaults.update(prior_preservation=prior_preservation, resolution=native_resolution, lora_rank=lora_rank,
                     lora_alpha=float(lora_rank) or None,
                     cache_dir=os.environ.get("ABLATION_CACHE") or DEFAULT_CACHE_DIR)
-    if toy and config.params in TOY_GROUP_LR:
+    if toy and config.params in TOY_GROUP_LR and family not in MMDIT_DEFAULTS:
         defaults["learning_rate"] = TOY_GROUP_LR[config.params]
     if config.params == "embedding" or (config.params is None and defaults.get("params") == "embedding"):
         # The anchor prompts do not contain the trained token rows, so the prior term would have no gradient.

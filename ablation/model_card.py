@@ -104,9 +104,9 @@ def _concepts(config: Mapping[str, Any], metadata: Mapping[str, str]) -> list[di
 
 def is_hub_id(model: str) -> bool:
     """True for `org/name` (or `name`) ids that are not local paths or the embedded toy model."""
-    from ablation.models import TOY_MODEL_ID
+    from ablation.models import TOY_MODELS
 
-    if not model or model in (TOY_MODEL_ID, "in-memory") or model.startswith((".", "/", "~")) or "\\" in model:
+    if not model or model in (*TOY_MODELS, "in-memory") or model.startswith((".", "/", "~")) or "\\" in model:
         return False
     return model.count("/") <= 1 and not Path(model).expanduser().exists()
 
@@ -207,7 +207,9 @@ def model_card_text(run_dir: str | Path, repo_id: str | None = None) -> str:
     tags = ["diffusers", "text-to-image", "concept-ablation", "ablation"]
     if lora_rank or (run_dir / "lora").is_dir():
         tags.append("lora")
-    if base == "toy":
+    from ablation.models import TOY_MODELS
+
+    if base in TOY_MODELS:
         tags.append("toy-world")
     data = ModelCardData(base_model=base if is_hub_id(base) else None, library_name="diffusers", tags=tags)
     header = data.to_yaml()

@@ -13,9 +13,11 @@ from pathlib import Path
 from ablation.config import ConfigError
 
 TOY_MODEL_ID = "toy"
+#: every embedded toy-world model: id -> folder under `ablation/toyworld/weights` (the UNet model and the MMDiT one)
+TOY_MODELS = {TOY_MODEL_ID: "pipeline", "toy-sd3": "sd3"}
 SINGLE_FILE_SUFFIXES = (".safetensors",)
-_CHOICES = ("pass `toy`, a diffusers folder (with model_index.json), a single-file .safetensors checkpoint "
-            "(SD 1.x/2.x/SDXL) or a hub id like `CompVis/stable-diffusion-v1-4`")
+_CHOICES = ("pass `toy` (or `toy-sd3`), a diffusers folder (with model_index.json), a single-file .safetensors "
+            "checkpoint (SD 1.x/2.x/SDXL) or a hub id like `CompVis/stable-diffusion-v1-4`")
 
 
 class ModelNotFoundError(ConfigError, FileNotFoundError):
@@ -27,13 +29,13 @@ class HubUnavailableError(ConfigError):
 
 
 def is_toy(model: str) -> bool:
-    """True for the embedded toy-world model id (or its directory)."""
-    if model == TOY_MODEL_ID:
+    """True for an embedded toy-world model id (`toy`, `toy-sd3`) or its directory."""
+    if model in TOY_MODELS:
         return True
     from ablation.toyworld import WEIGHTS_DIR
 
     try:
-        return Path(model).resolve() == (WEIGHTS_DIR / "pipeline").resolve()
+        return any(Path(model).resolve() == (WEIGHTS_DIR / folder).resolve() for folder in TOY_MODELS.values())
     except OSError:
         return False
 
@@ -110,10 +112,10 @@ def resolve_model(model: str, *, check_hub: bool = True) -> str:
     """
     if not model or not model.strip():
         raise ConfigError(f"--model is empty; {_CHOICES}")
-    if model == TOY_MODEL_ID:
-        from ablation.toyworld import pipeline_dir
+    if model in TOY_MODELS:
+        from ablation.toyworld import _existing
 
-        return str(pipeline_dir())
+        return str(_existing(TOY_MODELS[model]))
     path = Path(model).expanduser()
     # A hub id is "name" or "org/name"; anything else is meant as a local path.
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
@@ -223,4 +225,12 @@ def load_pipeline(model: str, torch_dtype=None, *, model_config: str | None = No
     from diffusers import DiffusionPipeline
 
     kwargs.setdefault("use_safetensors", True)
+    index = Path(resolved) / "model_index.json"
+    if index.is_file():  # a folder saved without a component (SD3 without T5): diffusers wants it passed as None
+        import json
+
+        for name, spec in json.loads(index.read_text()).items():
+            if isinstance(spec, list) and spec == [None, None] and name not in ("feature_extractor", "image_encoder",
+                                                                                "safety_checker"):
+                kwargs.setdefault(name, None)
     return DiffusionPipeline.from_pretrained(resolved, **dtype_kwarg(torch_dtype or torch.float32), **kwargs)

@@ -1,7 +1,8 @@
 """The embedded toy world: a procedural renderer of the paper's concepts and the small
 Stable-Diffusion-shaped model, toy CLIP judge and x4 upscaler trained on it (shipped as safetensors).
 
-`toy` is accepted wherever a model id is; it resolves to `pipeline_dir()`.
+`toy` is accepted wherever a model id is; it resolves to `pipeline_dir()`. `toy-sd3` resolves to `sd3_dir()`, a
+small SD3-shaped MMDiT trained on the same world (scripts/train_toy_mmdit.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from ablation.toyworld.catalog import Catalog, Concept, Family, catalog
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-__all__ = ["Catalog", "Concept", "Family", "catalog", "clip_dir", "pipeline_dir", "upscaler_dir", "WEIGHTS_DIR"]
+__all__ = ["Catalog", "Concept", "Family", "catalog", "clip_dir", "pipeline_dir", "sd3_dir", "upscaler_dir",
+           "WEIGHTS_DIR"]
 
 
 def _existing(name: str) -> Path:
@@ -28,6 +30,12 @@ def _existing(name: str) -> Path:
 def pipeline_dir() -> Path:
     """Directory of the toy `StableDiffusionPipeline` (loadable with `from_pretrained`, offline)."""
     return _existing("pipeline")
+
+
+def sd3_dir() -> Path:
+    """Directory of the toy MMDiT `StableDiffusion3Pipeline` (`toy-sd3`; its VAE and text tower are links to
+    the UNet toy model's files)."""
+    return _existing("sd3")
 
 
 def clip_dir() -> Path:
