@@ -285,6 +285,43 @@ def many(counts: list[int], extra: list[str], per_concept: int, workdir: Path) -
     return rows
 
 
+def sequential(per_concept: int, workdir: Path) -> dict:
+    """`--sequential`: ablate grumpy cat, then snoopy on the result (its exported pipeline, with the toy recipe
+    spelled out, since an exported folder is not `toy`); how far does the first ablation drift?"""
+    from ablation.evaluation.collateral import measure, toy_judges
+    from ablation.models import load_pipeline
+    from ablation.toyworld import catalog
+
+    toy_recipe = ["--params", "embedding", "--learning-rate", "2e-2", "--max-steps", "60", "--num-anchor-images",
+                  "16", "--anchor-scheduler", "ddim", "--anchor-steps", "10", "--train-batch-size", "8"]
+    first, second = workdir / "seq-1-grumpy-cat", workdir / "seq-2-snoopy"
+    runs = [(first, ["--target", "Grumpy Cat", "--anchor", "Cat", "--export", "pipeline"]),
+            (second, ["--model", str(first / "pipeline"), "--target", "Snoopy", "--anchor", "Dog", "--export",
+                      "pipeline", *toy_recipe])]
+    seconds = []
+    for out, cli in runs:
+        cmd = [sys.executable, "-m", "ablation.cli", "train", "--output-dir", str(out), "--overwrite", *cli]
+        rc, wall, _ = _child_peak_rss(cmd, {**os.environ, "ABLATION_CACHE": str(workdir / "cache-seq")})
+        if rc != 0:
+            return {"error": f"{out.name}: exit {rc}"}
+        seconds.append(round(wall, 2))
+    judges, base = toy_judges(), load_pipeline("toy")
+    concepts = list(catalog().concepts)
+    after_first = measure(base, first, concepts=concepts, per_concept=per_concept, judges=judges)
+    # the second run's exported pipeline holds both ablations
+    after_both = measure(base, load_pipeline(str(second / "pipeline")), concepts=concepts, per_concept=per_concept,
+                         judges=judges)
+
+    def acc(q: dict, c: str) -> dict:
+        return {j: [round(q["concepts"][c][j]["base"], 3), round(q["concepts"][c][j]["ablated"], 3)]
+                for j in q["judges"]}
+
+    return {"seconds": seconds,
+            "after_first": {c: acc(after_first, c) for c in ("grumpy cat", "cat", "snoopy", "dog")},
+            "after_second": {c: acc(after_both, c) for c in ("grumpy cat", "cat", "snoopy", "dog")},
+            "changed_fraction_after_second": after_both["changed_fraction"], "per_concept": per_concept}
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -300,6 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="--compare: the tasks")
     parser.add_argument("--many", type=int, nargs="+", default=None, metavar="N",
                         help="several concepts in one run: the first N toy targets, for each N given (e.g. 1 2 5 10)")
+    parser.add_argument("--sequential", action="store_true", help="grumpy cat, then snoopy on the result")
     parser.add_argument("--train-args", default="", help="--many: extra `ablate train` options (one string)")
     parser.add_argument("--per-concept", type=int, default=8, help="--compare/--many: judged images per concept")
     parser.add_argument("--only", choices=("toy", "sd15"), help="benchmark one model (default: both)")
@@ -332,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--steps must be >= 1")
     with tempfile.TemporaryDirectory(prefix="ablation-bench-") as tmp:
         args.workdir = args.workdir or tmp
+        if args.sequential:
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+            print(json.dumps(sequential(args.per_concept, Path(args.workdir)), indent=2))
+            return 0
         if args.many:
             import shlex
 

@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.sweep:
         options = json.loads(spec)
         with tempfile.TemporaryDirectory() as tmp:
+            # a fresh anchor cache per configuration: train_seconds include making the anchors
             config = build_config(None, {"target": [args.target], "anchor": [args.anchor], "model": "toy",
-                                         "output_dir": str(Path(tmp) / "run"), "checkpointing_steps": 0, **options})
+                                         "output_dir": str(Path(tmp) / "run"), "checkpointing_steps": 0,
+                                         "cache_dir": str(Path(tmp) / "cache"), **options})
             start = time.perf_counter()
             result = train(config, pipe=copy.deepcopy(base_pipe))
             seconds = time.perf_counter() - start
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.text_encoder.to("cpu")
         pipe.vae.to("cpu")
         images = generate(pipe, prompts, args.steps, args.guidance)
-        record = {"options": options, "train_seconds": round(seconds, 1),
+        record = {"options": options, "train_seconds": round(seconds, 1), "phase_seconds": result.phase_seconds,
                   "target_pairwise": [round(base_pair, 3),
                                       round(judges.pairwise(images[fam.target], fam.target, fam.anchor), 3)],
                   **summarise(base_labels, judges.judge(images), family_concepts)}

@@ -97,6 +97,8 @@ def set_scheduler(pipe, name: str) -> None:
                "pndm": PNDMScheduler}
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):  # SD3 / FLUX sample with their own flow scheduler
+        return
     pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
 
 
@@ -118,7 +120,7 @@ def _sample_batch(pipe, jobs: Sequence[Job], settings: SamplingSettings, pipe_kw
     kwargs.update(pipe_kwargs)
     if settings.negative_prompt:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
-    if settings.scheduler == "ddim":
+    if settings.scheduler == "ddim" and type(pipe.scheduler).__name__ == "DDIMScheduler":
         kwargs["eta"] = settings.eta
     return list(pipe([j.prompt for j in jobs], **kwargs).images)
 

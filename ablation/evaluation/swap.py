@@ -146,8 +146,9 @@ def ablated(pipe, source: str | Path | None, *, cache: DeltaCache | None = None,
         finally:
             pipe.delete_adapters(_ADAPTER)
         return
-    if strict is None:
-        strict = getattr(pipe.unet.config, "in_channels", 4) == 4
+    if strict is None:  # MMDiT pipelines have no UNet and no inpainting variant here: strict
+        unet = getattr(pipe, "unet", None)
+        strict = unet is None or getattr(unet.config, "in_channels", 4) == 4
     saved = snapshot(pipe, payload)
     apply_delta(pipe, payload, strict=strict)
     try:
