@@ -164,6 +164,44 @@ def target_token_ids(tokenizer, target: str, anchor: str) -> list[int]:
     return tokens
 
 
+class TrainedRows:
+    """The embedding group's trained tensor: only the target's rows of a token-embedding matrix.
+
+    The rows are a small fp32 parameter that a forward hook puts in place of the frozen matrix's rows, so the
+    optimizer state and gradients are [rows, width] instead of [49408, width] (about 38 MB less for SD 1.x's
+    text encoder; the full-matrix version masked the gradient and kept AdamW moments for every row).
+    `write_back` copies the rows into the matrix and removes the hook (the pipeline is then a plain pipeline).
+    """
+
+    def __init__(self, embedding: nn.Embedding, token_ids: list[int]) -> None:
+        self.embedding, self.ids = embedding, torch.tensor(sorted(token_ids), dtype=torch.long)
+        weight = embedding.weight
+        self.rows = nn.Parameter(weight.detach()[self.ids.to(weight.device)].float().clone())
+        self.lookup = torch.full((weight.shape[0],), -1, dtype=torch.long)
+        self.lookup[self.ids] = torch.arange(len(self.ids))
+        self._handle = embedding.register_forward_hook(self._override)
+
+    def _override(self, module, inputs, output):
+        ids = inputs[0]
+        where = self.lookup.to(ids.device)[ids]
+        hit = where >= 0
+        if not bool(hit.any()):
+            return output
+        rows = self.rows.to(output.dtype)[where.clamp(min=0)]
+        return torch.where(hit.unsqueeze(-1), rows, output)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Put the trained rows into the embedding matrix and stop overriding (idempotent)."""
+        weight = self.embedding.weight
+        if weight.dtype != self.rows.dtype:  # cast for mixed precision: the trained rows keep their fp32 values
+            weight.data = weight.data.to(self.rows.dtype)
+        weight[self.ids.to(weight.device)] = self.rows.detach().to(weight.device)
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 @dataclass
 class Trainable:
     """What a run trains.
@@ -182,6 +220,12 @@ class Trainable:
     parameters: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
     lora: bool = False
     base_fingerprint: str | None = None
+    row_overrides: list[TrainedRows] = field(default_factory=list)  # the embedding group's rows
+
+    def write_back(self) -> None:
+        """Embedding group: put the trained rows into the pipeline's matrices (before saving or returning it)."""
+        for rows in self.row_overrides:
+            rows.write_back()
 
     def flat(self) -> list[nn.Parameter]:
         """All trained tensors (the optimizer's parameter list), in a fixed order."""
@@ -228,13 +272,9 @@ def setup_trainable(pipe, group: str, lora_rank: int = 0, lora_alpha: float | No
             raise ConfigError("the embedding group needs the target's token ids")
         trainable = Trainable(param_names={name: [embedding_weight_name(e)] for name, e in encoders.items()})
         for name, encoder in encoders.items():
-            weight = encoder.get_input_embeddings().weight
-            weight.requires_grad_(True)
-            mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-            mask[token_ids] = 1
-            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
-            weight.data = weight.data.float()
-            trainable.parameters[name] = {embedding_weight_name(encoder): weight}
+            rows = TrainedRows(encoder.get_input_embeddings(), token_ids)
+            trainable.parameters[name] = {f"{embedding_weight_name(encoder)}.rows": rows.rows}
+            trainable.row_overrides.append(rows)
         return trainable
     names = group_parameter_names(unet, group)
     if lora_rank:

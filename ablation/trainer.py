@@ -291,6 +291,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     progress.close()
     result.steps = step
     result.final_loss = _fixed_batch_loss(objective, accelerator)
+    trainable.write_back()  # embedding group: the trained rows into the matrices (a plain pipeline again)
     phases.mark("train")
     if cfg.debug_checksums:
         atomic_write_text(plan.output_dir / "debug" / f"rank-{accelerator.process_index}.json",

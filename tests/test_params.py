@@ -63,16 +63,31 @@ def test_embedding_trains_only_target_rows_of_both_sdxl_encoders():
     pipe = tiny_pipeline("sdxl")
     ids = target_token_ids(pipe.tokenizer, "grumpy cat", "cat")
     assert ids == pipe.tokenizer("grumpy", add_special_tokens=False).input_ids
+    before = {n: getattr(pipe, n).get_input_embeddings().weight.detach().clone() for n in ("text_encoder",
+                                                                                         "text_encoder_2")}
     trainable = setup_trainable(pipe, "embedding", token_ids=ids)
     assert set(trainable.parameters) == {"text_encoder", "text_encoder_2"}
     assert not _grad_names(pipe.unet)
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name)
-        assert _grad_names(encoder) == {embedding_weight_name(encoder)}
-        weight = encoder.get_input_embeddings().weight
-        weight.sum().backward()
-        rows = weight.grad.abs().sum(1).nonzero().flatten().tolist()
-        assert rows == ids  # the mask zeroes every other row
+        assert not _grad_names(encoder)  # the matrix is frozen: no gradient or AdamW state for 49408 rows
+        (rows,) = trainable.parameters[name].values()
+        assert rows.shape == (len(ids), before[name].shape[1]) and rows.requires_grad
+        tokens = pipe.tokenizer(["a grumpy cat", "a cat"], return_tensors="pt", padding="max_length").input_ids
+        out = encoder(tokens).last_hidden_state
+        out[0].sum().backward()
+        assert rows.grad is not None and rows.grad.abs().sum() > 0
+        with torch.no_grad():
+            rows.add_(1.0)  # as an optimizer step would
+            after = encoder(tokens).last_hidden_state
+        assert not torch.allclose(after[0], out[0].detach())  # the prompt with the target token changed
+        assert torch.allclose(after[1], out[1].detach())  # the prompt without it did not
+    trainable.write_back()
+    for name in ("text_encoder", "text_encoder_2"):
+        weight = getattr(pipe, name).get_input_embeddings().weight
+        changed = (weight != before[name]).any(1).nonzero().flatten().tolist()
+        assert changed == ids  # exactly the target's rows, now in the matrix
+        assert torch.equal(weight[ids], before[name][ids] + 1.0)
 
 
 def test_embedding_needs_a_token_of_its_own():
