@@ -346,3 +346,19 @@ def test_robust_training_adds_the_adversarial_term(tmp_path, model_dir):
     assert robust.losses[0] > plain.losses[0] and robust.losses[2] != plain.losses[2]
     with pytest.raises(ConfigError, match="--robust needs the model-based variant"):
         build_config(None, {**values, "robust": True, "params": "embedding"})
+
+
+def test_eval_attacks_adds_the_robustness_table(world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    common = ["eval", "--base", world["sd1"], "--ablated", world["run"], "--clip", world["clip"], "--family",
+              "toy/grumpy_cat", "--num-samples", "1", "--control-samples", "0", "--steps", "2", "--out", str(out),
+              "--device", "cpu"]
+    assert main([*common, "--attacks", "bogus"]) == 2
+    assert "--attacks bogus: choose from" in capsys.readouterr().err and not out.exists()
+    assert main([*common, "--attacks", "prompts"]) == 0
+    attack = json.loads((out / "attacks" / "run" / "attack.json").read_text())
+    (row,) = json.loads((out / "report.json").read_text())["robustness"]["run"]
+    assert row["attack"] == "prompts" and row["attacked_ablated"] == attack["attacks"][0]["asr"]["ablated"]
+    assert row["plain_base"] == attack["plain"]["base"] and row["plain_ablated"] == attack["plain"]["ablated"]
+    md = (out / "report.md").read_text()
+    assert "## Robustness (`--attacks`)" in md and f"| run | prompts | {row['budget']} |" in md

@@ -287,6 +287,9 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--memorization-threshold", type=float, default=0.9, help="CLIP image cosine of a copy")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets")
     p.add_argument("--out", default=None, help="report folder (default: <first --ablated>/eval)")
+    p.add_argument("--attacks", action="append", default=[], metavar="KIND",
+                   help="also attack each run (`ablate attack` with its defaults; repeatable: prompts, text-search, "
+                        "prefix, inversion, relearn or all) and add a robustness table to the report")
     _add_sampling(p, steps=None, batch_size=None,
                   steps_help=f"denoising steps (default: {TOY_EVAL_STEPS} on the toy model, as its quality protocol "
                              f"and its anchors; else 50, the paper's)",
@@ -297,6 +300,12 @@ def eval_main(argv: list[str]) -> int:
     from ablation.evaluation.selection import default_base, default_out, select_tasks
 
     try:
+        from ablation.attacks.cli import ATTACKS
+
+        attacks = list(ATTACKS) if "all" in args.attacks else list(dict.fromkeys(args.attacks))
+        unknown = [a for a in attacks if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"--attacks {', '.join(unknown)}: choose from {', '.join(ATTACKS)} or all")
         base = args.base or default_base(args.ablated)
         tasks = select_tasks(base, args.ablated, families=args.family, targets=args.target, anchors=args.anchor,
                              concept_type=args.concept_type, config=args.config)
@@ -329,6 +338,14 @@ def eval_main(argv: list[str]) -> int:
             if r["metric"] == "clip_accuracy":
                 logger.info("%-12s %-28s %-11s CLIP acc %.2f -> %.2f", run, r["concept"], r["role"], r["base"],
                             r["ablated"])
+    if attacks:
+        from ablation.config import ConfigError
+        from ablation.evaluation.robustness import attack_runs
+
+        try:
+            attack_runs(base, args.ablated, attacks, out, seed=args.seed, device=args.device, clip=args.clip)
+        except ConfigError as err:
+            return _fail(str(err))
     logger.info("wrote %s", out / "report.md")
     from ablation.model_card import write_model_card
 
