@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ablation.config import ConfigError
-from ablation.params import count_parameters, embedding_weight_name, setup_trainable, target_token_ids
+from ablation.params import count_parameters, setup_trainable, target_token_ids
 from ablation.testing import tiny_pipeline
 
 CONFIGS = json.loads((Path(__file__).parent / "data" / "unet_configs.json").read_text())
