@@ -21,7 +21,7 @@ def script():
     sys.modules["train_toyworld"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     yield module
-    del sys.modules["train_toyworld"]
+    sys.modules.pop("train_toyworld", None)
 
 
 def test_sampling_weights_oversample_named_concepts(script):
@@ -64,3 +64,30 @@ def test_oversampled_continuation_from_shipped_weights(tmp_path):
     trained = load_file(pack / "unet.safetensors")
     assert trained.keys() == shipped.keys()
     assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # the EMA moved
+
+
+def test_toy_mmdit_trains_one_zero_token_for_the_pipelines_256(tmp_path):
+    """scripts/train_toy_mmdit.py: 1 T5 zero token with its logit raised by log(256) is the same function as the
+    256 zero tokens StableDiffusion3Pipeline feeds without T5 (so training can use the cheap form)."""
+    spec = importlib.util.spec_from_file_location("train_toy_mmdit", ROOT / "scripts" / "train_toy_mmdit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        pipe = module.skeleton()  # a fresh random transformer on the toy parts
+        assert module.check_equivalence(pipe) < 1e-5
+        module.ZERO_TOKEN.on = True  # without the raised logit the single token is a different function
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
+        full, _, pooled, _ = pipe.encode_prompt(["a cat"], None, None, do_classifier_free_guidance=False,
+                                                max_sequence_length=256)
+        with torch.no_grad():
+            raised = pipe.transformer(x, encoder_hidden_states=full[:, :-255], pooled_projections=pooled,
+                                      timestep=t).sample
+            module.ZERO_TOKEN.on = False
+            plain = pipe.transformer(x, encoder_hidden_states=full[:, :-255], pooled_projections=pooled,
+                                     timestep=t).sample
+        assert (raised - plain).abs().max() > 1e-3
+    finally:
+        import diffusers.models.attention_processor as ap
+
+        module.ZERO_TOKEN.on = False
+        ap.F = torch.nn.functional  # the script swaps diffusers' functional module for training only
