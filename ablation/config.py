@@ -426,9 +426,9 @@ PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor
 #: removes the target (0.00) with no control image changed. It retrains rows shared with every prompt using the
 #: same words (e.g. "van" of Van Gogh), which the run warns about.
 TOY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "instance": dict(params="embedding", learning_rate=2e-2, max_steps=60, train_batch_size=8, hflip=False,
+    "instance": dict(params="embedding", learning_rate=2e-2, max_steps=40, train_batch_size=8, hflip=False,
                      augment=False),
-    "style": dict(params="embedding", learning_rate=2e-2, max_steps=60, train_batch_size=8, hflip=True,
+    "style": dict(params="embedding", learning_rate=2e-2, max_steps=40, train_batch_size=8, hflip=True,
                   augment=False),
     "nudity": dict(params="attn", learning_rate=3e-4, max_steps=200, train_batch_size=8, hflip=False, augment=False),
     "memorization": dict(params="full", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False,
@@ -436,9 +436,11 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: the toy rate of a group the user chose (a rate tuned for token rows would wreck a UNet group)
 TOY_GROUP_LR: dict[str, float] = {"embedding": 2e-2, "cross-attn": 1e-4, "attn": 3e-4, "full": 1e-4}
-#: 16 anchors sampled in 10 DDIM steps and 60 steps at 2e-2: the same quality as 128 anchors x 25 steps and 200
-#: steps at 1e-2 (grumpy cat 0.94 -> 0.00, van gogh 1.00 -> 0.00, every other concept unchanged, 16 images each;
-#: also 8 anchors / 40 steps at 3e-2), in a fraction of the time (docs/performance.md).
+#: 16 anchors sampled in 10 DDIM steps and 40 steps at 2e-2: the same quality as 128 anchors x 25 steps and 200
+#: steps at 1e-2 (grumpy cat and van gogh -> 0.00, every other concept unchanged), in a fraction of the time.
+#: Grumpy cat and van gogh are gone after 5-20 steps; 40 is for nemo, the slowest target (CLIP 0.25 at 30 steps,
+#: 0.06 at 40 on 16 images, 0.00 at 60; docs/performance.md).
+TOY_STEPS_PER_EXTRA_CONCEPT = 10  # embedding group: several concepts share the run's steps (docs/performance.md)
 TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=16, teacher="frozen",
                                   preserve_weight=0.0,
                                   anchor_scheduler="ddim", anchor_steps=10, anchor_guidance=6.0)
@@ -507,6 +509,8 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
     defaults.update(prior_preservation=prior_preservation, resolution=native_resolution, lora_rank=lora_rank,
                     lora_alpha=float(lora_rank) or None,
                     cache_dir=os.environ.get("ABLATION_CACHE") or DEFAULT_CACHE_DIR)
+    if toy and defaults.get("params") == "embedding" and config.params in (None, "embedding"):
+        defaults["max_steps"] += TOY_STEPS_PER_EXTRA_CONCEPT * (len(concept_types) - 1)
     if toy and config.params in TOY_GROUP_LR and family not in MMDIT_DEFAULTS:
         defaults["learning_rate"] = TOY_GROUP_LR[config.params]
     if config.params == "embedding" or (config.params is None and defaults.get("params") == "embedding"):

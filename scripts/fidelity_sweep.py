@@ -45,7 +45,8 @@ def generate(pipe, prompts: dict[str, list[str]], steps: int, guidance: float, b
     """Seeded images (seed = index within the concept) for every concept."""
     from diffusers import DDIMScheduler
 
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not type(pipe.scheduler).__name__.startswith("FlowMatch"):  # SD3 (toy-sd3) keeps its flow sampler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     flat = [(c, i, p) for c, ps in prompts.items() for i, p in enumerate(ps)]
     images: dict[str, list] = {c: [] for c in prompts}
@@ -108,6 +109,7 @@ def summarise(base: dict, ablated: dict, family_concepts: set[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="toy", help="toy or toy-sd3")
     parser.add_argument("--target", default="grumpy cat")
     parser.add_argument("--anchor", default="cat")
     parser.add_argument("--per-concept", type=int, default=8)
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     family_concepts = set(fam.classes)
     prompts = concept_prompts(args.per_concept)
     judges = Judges()
-    base_pipe = load_pipeline("toy")
+    base_pipe = load_pipeline(args.model)
     base_images = generate(base_pipe, prompts, args.steps, args.guidance)
     base_labels = judges.judge(base_images)
     base_pair = judges.pairwise(base_images[fam.target], fam.target, fam.anchor)
@@ -134,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         options = json.loads(spec)
         with tempfile.TemporaryDirectory() as tmp:
             # a fresh anchor cache per configuration: train_seconds include making the anchors
-            config = build_config(None, {"target": [args.target], "anchor": [args.anchor], "model": "toy",
+            config = build_config(None, {"target": [args.target], "anchor": [args.anchor], "model": args.model,
                                          "output_dir": str(Path(tmp) / "run"), "checkpointing_steps": 0,
                                          "cache_dir": str(Path(tmp) / "cache"), **options})
             start = time.perf_counter()
             result = train(config, pipe=copy.deepcopy(base_pipe))
             seconds = time.perf_counter() - start
         pipe = result.pipeline
-        pipe.text_encoder.to("cpu")
-        pipe.vae.to("cpu")
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to("cpu")
         images = generate(pipe, prompts, args.steps, args.guidance)
         record = {"options": options, "train_seconds": round(seconds, 1), "phase_seconds": result.phase_seconds,
                   "target_pairwise": [round(base_pair, 3),

@@ -1,6 +1,6 @@
 """CI proves it: on the toy world, the default ablation removes its target and keeps everything else.
 
-Exactly the default settings (`ablate train --target "grumpy cat" --anchor cat`: 16 anchors, 60 steps); the whole
+Exactly the default settings (`ablate train --target "grumpy cat" --anchor cat`: 16 anchors, 40 steps); the whole
 test (anchors, training, 2 x 48 images, two judges) takes about a minute on 2 cores.
 Judged by both toy judges (the toy CLIP and the independent concept classifier) among all 31 toy concepts.
 """
