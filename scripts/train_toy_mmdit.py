@@ -293,9 +293,7 @@ def stage_assemble(work: Path, out: Path) -> None:
     config = json.loads((te / "config.json").read_text())
     (te / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     _link(tmp / "text_encoder_2", "text_encoder")
-    for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
-        _link(tmp / "tokenizer" / name, f"../../../../tokenizer/{name}")
-    (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    _link(tmp / "tokenizer", "../pipeline/tokenizer")  # the same tokenizer folder as the UNet toy model's
     _link(tmp / "tokenizer_2", "tokenizer")
     _link(tmp / "vae" / "diffusion_pytorch_model.safetensors", "../../pipeline/vae/diffusion_pytorch_model.safetensors")
     shutil.rmtree(out, ignore_errors=True)

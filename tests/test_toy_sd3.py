@@ -44,6 +44,7 @@ def test_shared_parts_are_stored_once():
         "vae/diffusion_pytorch_model.safetensors": pipeline_dir() / "vae" / "diffusion_pytorch_model.safetensors",
         "text_encoder_2": sd3_dir() / "text_encoder",
         "tokenizer_2": sd3_dir() / "tokenizer",
+        "tokenizer": pipeline_dir() / "tokenizer",
     }
     for name, target in links.items():
         path = sd3_dir() / name
