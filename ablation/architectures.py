@@ -432,12 +432,17 @@ def native_geometry(family: str, denoiser_config: dict, vae_factor: int) -> tupl
     return int(denoiser_config["sample_size"]) * vae_factor, vae_factor
 
 
-def check_family_options(config, family: str) -> None:
+def check_family_options(config, family: str, clip_only: bool = False) -> None:
     """Refuse options that do not apply to the model family, before any work (`ablation.planning`).
 
+    Args:
+        config: the resolved configuration.
+        family: `unet` or an MMDiT family.
+        clip_only: an SD3 folder without T5 (`text_encoder_3` null): the embedding group applies there.
+
     Raises:
-        ConfigError: the `embedding` group or a DDPM-family anchor sampler on SD3/FLUX; an MMDiT-only group
-            on a UNet model.
+        ConfigError: the `embedding` group (except SD3 without T5) or a DDPM-family anchor sampler on SD3/FLUX; an
+            MMDiT-only group on a UNet model.
     """
     from ablation.params import MMDIT_GROUPS
 
@@ -448,7 +453,9 @@ def check_family_options(config, family: str) -> None:
         return
     if getattr(config, "robust", False):
         raise ConfigError(f"--robust is implemented for UNet models (SD1/SD2/SDXL), not {family}")
-    if config.params not in MMDIT_GROUPS:
+    if config.params == "embedding" and clip_only:
+        pass  # SD3 without T5: the prompts reach the transformer through the CLIP towers only
+    elif config.params not in MMDIT_GROUPS:
         raise ConfigError(f"--params {config.params} is implemented for UNet models (SD1/SD2/SDXL), not {family}; "
                           f"choose one of {', '.join(MMDIT_GROUPS)}")
     generates = not (config.variant == "image-based" and (config.anchor_images or config.retrieval))

@@ -241,6 +241,12 @@ def add_lora(unet: nn.Module, group: str, rank: int, alpha: float) -> None:
     unet.add_adapter(config)
 
 
+def clip_only_text(pipe) -> bool:
+    """An SD3 pipeline without T5 (`text_encoder_3=None`): its prompts reach the transformer only through the
+    CLIP towers, so the embedding group's rows are the whole text path (as on SD1/SD2/SDXL). FLUX always has T5."""
+    return type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "text_encoder_3", None) is None
+
+
 def setup_trainable(pipe, group: str, lora_rank: int = 0, lora_alpha: float | None = None,
                     token_ids: list[int] | None = None) -> Trainable:
     """Freeze the pipeline, then unfreeze (or add adapters to) exactly the group.
@@ -263,9 +269,10 @@ def setup_trainable(pipe, group: str, lora_rank: int = 0, lora_alpha: float | No
     for module in (unet, *encoders.values(), *([t5] if t5 is not None else [])):
         module.requires_grad_(False)
     if is_mmdit(unet):
-        if group == "embedding":
-            raise ConfigError(f"the embedding group is implemented for UNet models (SD1/SD2/SDXL), not "
-                              f"{type(unet).__name__}; choose one of {', '.join(MMDIT_GROUPS)}")
+        if group == "embedding" and not clip_only_text(pipe):
+            raise ConfigError(f"the embedding group needs every text encoder to be CLIP (SD1/SD2/SDXL, or SD3 "
+                              f"loaded without T5), not {type(pipe).__name__} with T5; choose one of "
+                              f"{', '.join(MMDIT_GROUPS)}")
         unfuse_projections(unet)
     if group == "embedding":
         if not token_ids:

@@ -7,6 +7,7 @@ directory and a checkpoint to resume from, and returns a `RunPlan` the trainer e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import unicodedata
@@ -57,6 +58,20 @@ def _family(model_path: str, pipe, denoiser_config: dict) -> str:
         return "unet"
     found = read_transformer_configs(model_path)
     return "unet" if found is None else found[2]
+
+
+def _clip_only(model_path: str, pipe) -> bool:
+    """SD3 without T5: `text_encoder_3` is None in the pipeline, or null in the folder's model_index.json."""
+    if pipe is not None:
+        from ablation.params import clip_only_text
+
+        return clip_only_text(pipe)
+    index = Path(model_path) / "model_index.json"
+    if not index.is_file():
+        return False
+    spec = json.loads(index.read_text())
+    return spec.get("_class_name", "").startswith("StableDiffusion3") and spec.get("text_encoder_3") in (None,
+                                                                                                      [None, None])
 
 
 SLUG_MAX_BYTES = 64  # far below the 255-byte file-name limit of common filesystems, and readable in a listing
@@ -160,7 +175,7 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
         config, toy=toy, concept_types=[c.concept_type for c in concepts],
         prior_preservation=any(needs_prior_preservation(c) for c in concepts),
         native_resolution=native, vae_scale_factor=multiple, family=family)
-    check_family_options(resolved, family)
+    check_family_options(resolved, family, clip_only=_clip_only(model_path, pipe))
     check_image_source(resolved.anchor_images, resolved.retrieval, count=resolved.num_anchor_images)
     if resolved.memorized_image:  # bad files fail here, before any expensive work
         from ablation.data import load_reference_image

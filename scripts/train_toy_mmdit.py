@@ -296,6 +296,9 @@ def stage_assemble(work: Path, out: Path) -> None:
     _link(tmp / "tokenizer", "../pipeline/tokenizer")  # the same tokenizer folder as the UNet toy model's
     _link(tmp / "tokenizer_2", "tokenizer")
     _link(tmp / "vae" / "diffusion_pytorch_model.safetensors", "../../pipeline/vae/diffusion_pytorch_model.safetensors")
+    for f in tmp.rglob("*.safetensors"):
+        if not f.is_symlink():
+            f.chmod(0o644)  # readable after an install by another user
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     print(f"[assemble] {out}")

@@ -109,12 +109,18 @@ def test_flux_attn_group_includes_single_stream_blocks_but_cross_attn_does_not()
     assert not any(n.startswith("single_") for n in group_modules(pipe.transformer, "text-kv+embedders"))
 
 
-def test_mmdit_has_no_embedding_group_and_names_its_groups():
-    pipe = tiny_mmdit_pipeline("sd3")
-    with pytest.raises(ConfigError, match="UNet models"):
+def test_mmdit_embedding_group_only_without_t5_and_names_its_groups():
+    pipe = tiny_mmdit_pipeline("sd3")  # with T5: the concept would still reach the transformer through T5
+    with pytest.raises(ConfigError, match="SD3 loaded without T5"):
         setup_trainable(pipe, "embedding", token_ids=[1])
+    with pytest.raises(ConfigError, match="T5"):
+        setup_trainable(tiny_mmdit_pipeline("flux"), "embedding", token_ids=[1])
     with pytest.raises(ConfigError, match="text-kv\\+embedders"):
         group_modules(pipe.transformer, "bogus")
+    pipe.text_encoder_3 = pipe.tokenizer_3 = None  # SD3 without T5: the CLIP rows are the whole text path
+    trainable = setup_trainable(pipe, "embedding", token_ids=[5, 7])
+    assert set(trainable.parameters) == {"text_encoder", "text_encoder_2"}
+    assert not any(p.requires_grad for p in pipe.transformer.parameters())
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
