@@ -67,3 +67,25 @@ def test_draws_target_and_anchor_distinctly(pipe, family):
         images = pipe(prompts, num_inference_steps=15, guidance_scale=6.0, generator=gens).images
         assert images[0].size == (64, 64)
         assert family_accuracy(judge.image_features(images), texts, index) >= 0.75, (family, concept)
+
+
+@pytest.fixture(scope="module")
+def ablation_on_mmdit(tmp_path_factory):
+    """The default ablation on the toy MMDiT (`ablate train --model toy-sd3 ...`), judged among all 31 concepts."""
+    from ablation.cli import main
+    from ablation.evaluation.collateral import measure
+
+    tmp = tmp_path_factory.mktemp("toy_sd3_ablation")
+    run = tmp / "run"
+    assert main(["train", "--model", "toy-sd3", "--target", "grumpy cat", "--anchor", "cat", "--output-dir", str(run),
+                 "--cache-dir", str(tmp / "cache"), "--checkpointing-steps", "0"]) == 0
+    return measure(load_pipeline("toy-sd3"), str(run), concepts=["grumpy cat", "cat", "tabby cat", "robot"],
+                   per_concept=6, steps=10)
+
+
+@pytest.mark.parametrize("judge", ["clip", "classifier"])
+def test_default_ablation_on_the_mmdit_removes_the_target_and_keeps_the_rest(ablation_on_mmdit, judge):
+    rows = ablation_on_mmdit["concepts"]
+    assert rows["grumpy cat"][judge]["base"] >= 0.8 and rows["grumpy cat"][judge]["ablated"] <= 0.2, rows
+    for concept in ("cat", "tabby cat", "robot"):  # the anchor, a neighbour, another family
+        assert rows[concept][judge]["changed"] <= 1 / 6, (concept, rows[concept])
