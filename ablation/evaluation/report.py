@@ -59,6 +59,20 @@ def _fmt(value, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def _judge_label(clip_model: str) -> str:
+    """The shipped toy CLIP by its place in the package, not by this machine's absolute path."""
+    from pathlib import Path
+
+    from ablation.toyworld import WEIGHTS_DIR
+
+    try:
+        if Path(clip_model).resolve() == (WEIGHTS_DIR / "clip").resolve():
+            return "toy CLIP (`ablation/toyworld/weights/clip`)"
+    except OSError:
+        pass
+    return f"`{clip_model}`"
+
+
 def markdown(report: dict) -> str:
     """The human-readable report: settings, then per ablated run one table per task."""
     s = report["settings"]
@@ -66,7 +80,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Concept ablation evaluation", "",
         f"- base model: `{report['base_model']}`",
-        f"- judge: `{report['clip_model']}`" + (f" and the toy concept classifier (`{report['classifier']}`)"
+        f"- judge: {_judge_label(report['clip_model'])}" + (f" and the toy concept classifier (`{report['classifier']}`)"
                                                  if report.get("classifier") else "") + f" (device {report['device']})",
         f"- sampling: {sampling['scheduler']}, {sampling['steps']} steps, guidance {sampling['guidance']}, "
         f"seed {s['seed']} ({report['seed_formula']})",
