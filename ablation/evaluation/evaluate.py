@@ -81,6 +81,14 @@ def _fingerprint(path: Path) -> list:
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def _recorded_settings(settings: EvalSettings, pipe) -> dict:
+    """The settings as the report states them: SD3/FLUX sample with their own flow scheduler whatever was asked."""
+    out = asdict(settings)
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        out["sampling"]["scheduler"] = f"{type(pipe.scheduler).__name__} (the model's own)"
+    return out
+
+
 def model_key(name: str, model: str, source: str | None, settings: EvalSettings, device: str) -> str:
     """Cache folder name of one generator: readable name + hash of everything images depend on."""
     from ablation.models import resolve_model
@@ -295,7 +303,7 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
         "clip_model": judge.model_id,
         "classifier": "toyworld/classifier" if classifier is not None else None,
         "device": dev.type,
-        "settings": asdict(settings),
+        "settings": _recorded_settings(settings, pipe),
         "seed_formula": "seed + 100000 * prompt_index + sample_index",
         "models": models,
         "tasks": [_task_info(t, references.get(t.name)) for t in tasks],
