@@ -80,8 +80,9 @@ def markdown(report: dict) -> str:
     lines = [
         "# Concept ablation evaluation", "",
         f"- base model: `{report['base_model']}`",
-        f"- judge: {_judge_label(report['clip_model'])}" + (f" and the toy concept classifier (`{report['classifier']}`)"
-                                                 if report.get("classifier") else "") + f" (device {report['device']})",
+        f"- judge: {_judge_label(report['clip_model'])}"
+        + (f" and the toy concept classifier (`{report['classifier']}`)" if report.get("classifier") else "")
+        + f" (device {report['device']})",
         f"- sampling: {sampling['scheduler']}, {sampling['steps']} steps, guidance {sampling['guidance']}, "
         f"seed {s['seed']} ({report['seed_formula']})",
         "- images per concept: " + (f"{s['images_per_role']}" if s["images_per_role"]
