@@ -87,8 +87,8 @@ class TrainConfig:
     params: ParamGroup | None = _help(
         "weights to train: cross-attn (attn2 to_k/to_v; SD3/FLUX: the text stream's add_k_proj/add_v_proj), attn "
         "(all attention q/k/v/out), full (whole UNet or transformer), embedding (target token rows of the text "
-        "encoder; UNet models), text-kv+embedders (SD3/FLUX: cross-attn + context_embedder and the pooled-text "
-        "projection); default by concept type", default=None)
+        "encoder; UNet models and SD3 without T5), text-kv+embedders (SD3/FLUX: cross-attn + context_embedder and "
+        "the pooled-text projection); default by concept type", default=None)
     lora_rank: int | None = _help(
         "train LoRA adapters of this rank on the chosen group instead of dense updates (0 = dense; default: 0 on "
         "UNet models, 16 on SD3/FLUX, which do not fit next to a dense teacher copy)", default=None)
