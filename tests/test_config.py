@@ -139,6 +139,10 @@ def test_defaults_table_toy_versus_paper():
     toy = resolve_defaults(config, toy=True, **common)
     # toy instances train the target's token rows (docs/paper-parity.md); no prior term (it has no gradient there)
     assert (toy.params, toy.learning_rate, toy.scale_lr, toy.prior_preservation) == ("embedding", 2e-2, False, False)
+    assert toy.max_steps == 40
+    several = resolve_defaults(TrainConfig(target=["A", "C"], anchor=["B", "D"]), toy=True,
+                               **{**common, "concept_types": ["instance", "style"]})
+    assert several.max_steps == 60  # several concepts share the run's steps
     cross = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="cross-attn"), toy=True, **common)
     assert cross.prior_preservation is True and cross.learning_rate == 1e-4  # the group's own toy rate
     assert resolve_defaults(config, toy=False, **{**common, "concept_types": ["memorization"]}).params == "full"
