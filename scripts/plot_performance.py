@@ -21,8 +21,8 @@ def _rows(name: str) -> list[dict]:
 
 def many_concepts(plt) -> None:
     series = [(name, label, [r for r in _rows(name) if "quality" in r])
-              for name, label in (("many_concepts.jsonl", "60 steps for the run"),
-                                  ("many_concepts_40.jsonl", "40 + 10 per extra concept (default)"))]
+              for name, label in (("many_concepts.jsonl", "60 steps for the run (the default for several)"),
+                                  ("many_concepts_40.jsonl", "40 + 10 per extra concept (not kept)"))]
     series = [s for s in series if s[2]]
     if not series:
         return
