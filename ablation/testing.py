@@ -279,3 +279,21 @@ def delta_metadata(pipe, **overrides) -> dict[str, str]:
                 learning_rate=2e-6, variant="model-based")
     args.update(overrides)
     return make_metadata(**args)
+
+
+def toy_family_accuracy(pipe, judge, family: str, concepts: int = 2, images: int = 4, steps: int = 15) -> dict:
+    """Toy-CLIP family accuracy of a toy-world pipeline's images of a family's first concepts (target, anchor),
+    on held-out prompts with fixed seeds: what the shipped toy models' tests assert on."""
+    from ablation.evaluation.metrics import family_accuracy
+    from ablation.toyworld import catalog
+
+    fam = catalog().families[family]
+    texts = judge.text_features([catalog().concepts[c].judge_text for c in fam.classes])
+    out = {}
+    for index, concept in enumerate(fam.classes[:concepts]):
+        prompts = list(fam.prompts_for(concept, "heldout")[:images])
+        gens = [torch.Generator().manual_seed(10**9 + i) for i in range(len(prompts))]
+        result = pipe(prompts, num_inference_steps=steps, guidance_scale=6.0, generator=gens).images
+        assert result[0].size == (64, 64), result[0].size
+        out[concept] = family_accuracy(judge.image_features(result), texts, index)
+    return out
