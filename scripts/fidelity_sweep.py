@@ -43,10 +43,9 @@ def concept_prompts(per_concept: int) -> dict[str, list[str]]:
 @torch.no_grad()
 def generate(pipe, prompts: dict[str, list[str]], steps: int, guidance: float, batch: int = 32) -> dict[str, list]:
     """Seeded images (seed = index within the concept) for every concept."""
-    from diffusers import DDIMScheduler
+    from ablation.evaluation.generate import set_scheduler
 
-    if not type(pipe.scheduler).__name__.startswith("FlowMatch"):  # SD3 (toy-sd3) keeps its flow sampler
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    set_scheduler(pipe, "ddim")  # SD3 (toy-sd3) keeps its own flow sampler
     pipe.set_progress_bar_config(disable=True)
     flat = [(c, i, p) for c, ps in prompts.items() for i, p in enumerate(ps)]
     images: dict[str, list] = {c: [] for c in prompts}
