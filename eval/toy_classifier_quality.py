@@ -2,8 +2,12 @@
 
     python eval/toy_classifier_quality.py                       # 32 images per concept, all 31 concepts
     python eval/toy_classifier_quality.py --per-concept 8 --json /tmp/q.json
+    python eval/toy_classifier_quality.py --prompts reworded --per-concept 16 \
+        --json docs/toy_reworded_quality.json                    # prompts worded unlike any training caption
 
-Images: the shipped toy pipeline, each concept's held-out prompts (the catalogue's, never trained on),
+Images: the shipped toy pipeline (or `--model DIR`), each concept's held-out prompts (`--prompts heldout`: the
+catalogue's held-out templates, never trained on; `--prompts reworded`: `ablation.toyworld.rewording`'s
+hand-written rewordings, whose frames and words no training caption contains; memorized captions excluded),
 DDIM 25 steps, guidance 6, seeds as in `ablate eval` (`seed + 100000 * prompt_index + sample_index`);
 cached in `--cache` so that a second run (more images, another judge) regenerates nothing. Judged by
 the classifier (31-way) and, for comparison, by the toy CLIP zero-shot over the same 31 concept texts.
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache", type=Path, default=Path("work_toy_classifier_quality"), help="image cache folder")
     p.add_argument("--classifier", type=Path, default=None, help="classifier folder (default: the shipped one)")
+    p.add_argument("--prompts", choices=("heldout", "reworded"), default="heldout")
+    p.add_argument("--model", default="toy", help="the pipeline to judge (default: the shipped toy model)")
     p.add_argument("--generate-only", action="store_true", help="fill the cache, judge nothing")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "toy_classifier_quality.json")
     args = p.parse_args(argv)
@@ -42,15 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     from ablation.evaluation.collateral import toy_controls, toy_judges
     from ablation.evaluation.generate import SamplingSettings, cache_path, generate, set_scheduler
     from ablation.models import load_pipeline
+    from ablation.toyworld.catalog import slug
 
     controls = toy_controls()
+    if args.prompts == "reworded":
+        from ablation.evaluation.collateral import ControlConcept
+        from ablation.toyworld.rewording import heldout_reworded_prompts, reworded_concepts
+
+        keep = set(reworded_concepts())
+        controls = [ControlConcept(c.name, heldout_reworded_prompts(c.name), c.judge_text)
+                    for c in controls if c.name in keep]
     jobs = [j for c in controls for j in c.jobs(args.per_concept, args.seed)]
     labels = [c.name for c in controls for _ in range(args.per_concept)]
     settings = SamplingSettings(scheduler="ddim", steps=args.steps, guidance=args.guidance)
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(args.model)
     set_scheduler(pipe, "ddim")
     pipe.set_progress_bar_config(disable=True)
-    key = f"toy-ddim{args.steps}-g{args.guidance:g}"
+    model_key = "toy" if args.model == "toy" else slug(str(Path(args.model).resolve()))
+    key = f"{model_key}-{args.prompts}-ddim{args.steps}-g{args.guidance:g}"
     samples = generate(pipe, jobs, settings, batch_size=args.batch_size,
                        path_for=lambda j: cache_path(args.cache / key, j),
                        progress=lambda d, t: print(f"generated {d}/{t}", file=sys.stderr, flush=True))
@@ -61,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     classifier = load_classifier(args.classifier) if args.classifier else None
     judges = toy_judges(classifier=classifier)
     verdicts = judges.judge([s.image for s in samples])
-    out: dict = {"per_concept": args.per_concept, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+    out: dict = {"model": args.model, "prompts": args.prompts, "per_concept": args.per_concept, "steps": args.steps,
+                 "guidance": args.guidance, "seed": args.seed,
                  "concepts": {}}
     for judge, said in verdicts.items():
         right = [s == c for s, c in zip(said, labels, strict=True)]

@@ -11,12 +11,17 @@ Stages (each resumable: it saves `<work>/<stage>/model.safetensors` + `progress.
     unet      UNet2DConditionModel on 8x8x4 latents, caption dropout for classifier-free guidance
     upscaler  x4 upscaler UNet (16 px -> 64 px) for StableDiffusionUpscalePipeline
     assemble  write fp16 safetensors folders into ablation/toyworld/weights/{pipeline,clip,upscaler}
+    assemble-unet  replace only the pipeline's UNet file (after a UNet continuation)
+    from-weights   rebuild the stage checkpoints from the shipped folders (to continue a stage)
 
 Examples:
 
     python scripts/train_toyworld.py all                 # everything, CPU preset (hours on 2 cores)
     python scripts/train_toyworld.py unet --time-limit 1800   # continue the UNet for 30 more minutes
     python scripts/train_toyworld.py all --preset gpu    # the preset that produced the shipped weights
+    # the shipped UNet's continuation on reworded captions (docs/toyworld.md, "Reworded prompts"):
+    python scripts/train_toyworld.py from-weights unet assemble-unet --work work_toy_reword \
+        --unet-steps 3000 --lr-unet 1e-4 --reword 0.5
 
 Optimizer state is not saved (only weights and the step count), so a resumed stage restarts AdamW's
 moments; the difference is negligible for these small models and it keeps checkpoints as safetensors.
@@ -28,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -355,11 +361,11 @@ def encode_latents(vae, images: np.ndarray, device, batch: int = 1024) -> tuple[
 
 
 @torch.no_grad()
-def text_hidden(clip_model, ids: torch.Tensor, device, batch: int = 4096) -> torch.Tensor:
+def text_hidden(text_model, ids: torch.Tensor, device, batch: int = 4096) -> torch.Tensor:
     """Frozen text-tower last hidden states (what the pipeline's CLIPTextModel returns)."""
     out = []
     for i in range(0, len(ids), batch):
-        out.append(clip_model.text_model(input_ids=ids[i: i + batch].to(device)).last_hidden_state.cpu())
+        out.append(text_model(input_ids=ids[i: i + batch].to(device)).last_hidden_state.cpu())
     return torch.cat(out)
 
 
@@ -406,9 +412,12 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
     # Unique captions -> hidden states once; "" is the unconditional prompt for guidance.
     unique = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(unique)}
-    hidden = text_hidden(clip_model, tokenize(unique), device).to(device)
+    hidden = text_hidden(clip_model.text_model, tokenize(unique), device).to(device)
     cap_idx = torch.tensor([index[c] for c in captions])
     empty = index[""]
+    # --reword: that fraction of captions is replaced by a rewording drawn each step (other frames, word order,
+    # synonyms, fillers; ablation.toyworld.rewording), encoded by the same frozen text tower
+    text_model = clip_model.text_model if args.reword > 0 else None
     del clip_model
     unet = UNet2DConditionModel(**unet_config()).to(device)
     st = Stage(work, "unet", unet, steps, args.time_limit, args.save_every)
@@ -416,6 +425,7 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
     sched = train_scheduler()
     acp = sched.alphas_cumprod.to(device)
     gen = torch.Generator().manual_seed(3000 + st.step)
+    word_rng = random.Random(5000 + st.step)
     # EMA of the weights (what gets shipped); resumes from the saved EMA when there is one.
     ema_path = work / "unet" / "ema.safetensors"
     ema_model = UNet2DConditionModel(**unet_config())
@@ -438,15 +448,32 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
             noise = torch.randn(z0.shape, generator=gen).to(device)
             a = acp[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            cond = hidden[c.to(device)]
+            if text_model is not None:
+                rows = [i for i in range(batch) if c[i] != empty and word_rng.random() < args.reword]
+                if rows:
+                    from ablation.toyworld.rewording import reword
+
+                    texts = [reword(concepts[idx[i]], captions[idx[i]], word_rng) for i in rows]
+                    with torch.no_grad():
+                        cond[rows] = text_hidden(text_model, tokenize(texts), device).to(device)
             with autocast(device):
-                pred = unet(zt, t, encoder_hidden_states=hidden[c.to(device)]).sample
+                pred = unet(zt, t, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred.float(), noise)
             st.update(opt, loss, bar)
             with torch.no_grad():
                 d = min(0.999, st.step / (9 + st.step))  # EMA warm-up
                 torch._foreach_lerp_(ema_params, [p.detach() for p in unet.parameters()], 1 - d)
+            if st.step % st.save_every == 0:
+                save_ema(ema_model, ema_path)
     st.save()
-    save_file({k: v.float().cpu().contiguous() for k, v in ema_model.state_dict().items()}, ema_path)
+    save_ema(ema_model, ema_path)
+
+
+def save_ema(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.safetensors")
+    save_file({k: v.float().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
 
 
 def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args) -> None:
@@ -456,7 +483,7 @@ def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args)
     clip_model = load_clip(work, device)
     unique = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(unique)}
-    hidden = text_hidden(clip_model, tokenize(unique), device).to(device)
+    hidden = text_hidden(clip_model.text_model, tokenize(unique), device).to(device)
     cap_idx = torch.tensor([index[c] for c in captions])
     del clip_model
     unet = UNet2DConditionModel(**upscaler_unet_config()).to(device)
@@ -586,6 +613,17 @@ def stage_assemble(work: Path, out: Path, use_ema: bool = True) -> None:
     print(f"[assemble] wrote {out}")
 
 
+def stage_assemble_unet(work: Path, out: Path) -> None:
+    """Replace only the shipped pipeline's UNet by the stage's EMA weights (a continuation of the UNet alone:
+    the text encoder, VAE, judge and upscaler files, and the links other folders keep to them, stay as they are)."""
+    dest = out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = {k: v.half().contiguous() for k, v in load_file(work / "unet" / "ema.safetensors").items()}
+    tmp = dest.with_suffix(".tmp.safetensors")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, dest)
+    print(f"[assemble-unet] wrote {dest}")
+
+
 def stage_pack(work: Path, dest: Path) -> None:
     """Copy every stage's weights as fp16 (small enough to move) plus one progress.json to `dest`.
 
@@ -637,7 +675,8 @@ def stage_unpack(src: Path, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="+", choices=["all", "data", "vae8", "vae4", "clip", "unet", "upscaler",
-                                                      "assemble", "pack", "unpack", "from-weights"])
+                                                      "assemble", "assemble-unet", "pack", "unpack",
+                                                      "from-weights"])
     parser.add_argument("--pack-dir", type=Path, default=None, help="for pack/unpack: the fp16 transfer folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--work", type=Path, default=ROOT / "work_toy", help="checkpoints and the rendered data")
@@ -651,6 +690,8 @@ def main() -> None:
     for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
     parser.add_argument("--lr-unet", type=float, default=None, help="override the preset (e.g. lower to continue)")
+    parser.add_argument("--reword", type=float, default=0.0,
+                        help="unet stage: fraction of captions replaced by a fresh rewording each step (e.g. 0.5)")
     parser.add_argument("--oversample", default="",
                         help="unet stage: draw these concepts more often, e.g. 'angelfish=4,nemo=2'")
     args = parser.parse_args()
@@ -681,6 +722,8 @@ def main() -> None:
             stage_from_weights(args.out, args.work)
         elif stage == "assemble":
             stage_assemble(args.work, args.out)
+        elif stage == "assemble-unet":
+            stage_assemble_unet(args.work, args.out)
         else:
             images, captions, concepts = load_data(args.work, preset.num_images)
             if stage in ("vae8", "vae4"):
