@@ -135,6 +135,10 @@ class TrainConfig:
     anchor_scheduler: Sampler | None = _help("sampler used to generate anchor images", default=None)
     anchor_steps: int | None = _help("sampling steps of anchor generation", default=None)
     anchor_guidance: float | None = _help("classifier-free guidance of anchor generation", default=None)
+    anchor_trajectory: bool = _help(
+        "train on the anchor sampler's intermediate states (z_t, t) instead of re-noised final latents: each anchor "
+        "image gives --anchor-steps training points (model-based variant, without --augment; UNet and SD3 "
+        "models; docs/performance.md measures it)", default=False)
     anchor_batch_size: int = _help("images per generation batch", default=16)
     cache_dir: str | None = _help(
         f"anchor cache (default: $ABLATION_CACHE or {DEFAULT_CACHE_DIR})", default=None)
@@ -219,6 +223,9 @@ class TrainConfig:
         if self.robust_every < 1 or self.robust_steps < 1 or self.robust_radius <= 0 or self.robust_weight < 0:
             raise ConfigError("--robust-every and --robust-steps must be >= 1, --robust-radius > 0, "
                               "--robust-weight >= 0")
+        if self.anchor_trajectory and self.variant != "model-based":
+            raise ConfigError("--anchor-trajectory needs the model-based variant: the image-based loss regresses the "
+                              "noise of re-noised latents, which a sampler state does not have")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ConfigError(f"--stop-after-steps must be >= 1, got {self.stop_after_steps}")
 
@@ -531,6 +538,14 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         raise ConfigError("--lora-rank applies to UNet groups; the embedding group trains token rows directly")
     if "lora" in resolved.export and not resolved.lora_rank:
         raise ConfigError("--export lora needs --lora-rank > 0")
+    if resolved.anchor_trajectory:
+        if resolved.augment:
+            raise ConfigError("--anchor-trajectory trains on noisy sampler states, which the resize augmentation "
+                              "cannot rescale; add --no-augment")
+        if family.startswith("flux"):
+            raise ConfigError("--anchor-trajectory is implemented for UNet and SD3 models, not FLUX")
+        if resolved.anchor_steps < 2:
+            raise ConfigError("--anchor-trajectory needs --anchor-steps >= 2 (a one-step sampler visits only noise)")
     return resolved
 
 

@@ -78,6 +78,7 @@ class SamplerSettings:
             anchors), or None.
         copy_filter: key of the copy filter applied to the anchors (`CopyFilter.key()`), or None; set by
             `cached_anchor_latents`.
+        trajectory: also keep the sampler's intermediate states of each image (`--anchor-trajectory`).
     """
 
     model_key: str
@@ -91,6 +92,7 @@ class SamplerSettings:
     precision: str = "fp32"
     negative_prompt: str | None = None
     copy_filter: str | None = None
+    trajectory: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -100,7 +102,8 @@ class SamplerSettings:
 
     def cache_key(self) -> str:
         """Hash of the settings (directory name in the cache)."""
-        blob = json.dumps(self.__dict__, sort_keys=True, default=list).encode()
+        fields = {k: v for k, v in self.__dict__.items() if not (k == "trajectory" and not v)}  # keys of older runs
+        blob = json.dumps(fields, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
 
@@ -182,6 +185,8 @@ class AnchorSet:
     latents: torch.Tensor
     prompt_index: torch.Tensor
     generated: bool  # False when read from the cache or from images
+    trajectory: torch.Tensor | None = None  # [N, S, C, H, W]: the state each of the sampler's S steps starts from
+    trajectory_t: torch.Tensor | None = None  # [N, S]: the timestep each state belongs to
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,17 +221,23 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
         seeds: seed of each index instead of `seed + k` (replacements of filtered anchors).
 
     Returns:
-        Columns `index`, `prompt`, `prompt_index`, `seed`, `latents` (float32 arrays, the UNet's latent space).
+        Columns `index`, `prompt`, `prompt_index`, `seed`, `latents` (float32 arrays, the UNet's latent space);
+        with `settings.trajectory` also `trajectory` (the state each of the S sampler steps starts from) and
+        `trajectory_t` (their timesteps).
     """
     seeds = [settings.seed + k for k in indices] if seeds is None else list(seeds)
     if len(seeds) != len(indices):
         raise ValueError(f"{len(seeds)} seeds for {len(indices)} indices")
+    from ablation.architectures import recording_states
+
     adapter = _architecture(pipe)
     original = pipe.scheduler
     pipe.scheduler = adapter.anchor_sampler(pipe, settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
     num_prompts = len(settings.prompts)
     columns: dict[str, list] = {"index": [], "prompt": [], "prompt_index": [], "seed": [], "latents": []}
+    if settings.trajectory:
+        columns.update(trajectory=[], trajectory_t=[])
     try:
         starts = range(0, len(indices), batch_size)
         for i in tqdm(starts, desc="anchor images", disable=disable_progress):
@@ -235,9 +246,14 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
             # CPU generators: the same anchors on every device.
             generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
             # The pipeline samples (`output_type="latent"`); FLUX's packed latents come back as [B, C, H, W].
-            latents = adapter.sample_latents(pipe, prompts, steps=settings.steps, guidance=settings.guidance,
-                                             resolution=settings.resolution, generators=generators,
-                                             negative_prompt=settings.negative_prompt).numpy()
+            states: list | None = [] if settings.trajectory else None
+            with recording_states(pipe.scheduler, states):
+                latents = adapter.sample_latents(pipe, prompts, steps=settings.steps, guidance=settings.guidance,
+                                                 resolution=settings.resolution, generators=generators,
+                                                 negative_prompt=settings.negative_prompt).numpy()
+            if states is not None:  # [(latents [B, C, H, W], t)] per step -> per image [S, C, H, W]
+                columns["trajectory"] += list(torch.stack([z for z, _ in states], 1).numpy())
+                columns["trajectory_t"] += [[t for _, t in states]] * len(batch)
             columns["index"] += list(batch)
             columns["prompt"] += prompts
             columns["prompt_index"] += [k % num_prompts for k in batch]
@@ -459,16 +475,20 @@ def _generate_filtered(pipe, settings: SamplerSettings, indices: list[int], batc
         logger.warning("copy filter: %d anchor images still copied the reference after %d rounds; dropped them",
                        len(pending), copy_filter.max_rounds)
     order = [kept[k] for k in sorted(kept)]
-    return {name: [rows.get(name, [])[r] for r in order]
-            for name in ("index", "prompt", "prompt_index", "seed", "latents")}
+    names = ["index", "prompt", "prompt_index", "seed", "latents"]
+    names += ["trajectory", "trajectory_t"] if settings.trajectory else []
+    return {name: [rows.get(name, [])[r] for r in order] for name in names}
 
 
-def _to_dataset(columns: dict[str, list], latent_shape: tuple[int, ...]):
-    from datasets import Array3D, Dataset, Features, Value
+def _to_dataset(columns: dict[str, list], latent_shape: tuple[int, ...], steps: int = 0):
+    from datasets import Array3D, Array4D, Dataset, Features, Sequence, Value
 
-    features = Features({"index": Value("int64"), "prompt": Value("string"), "prompt_index": Value("int64"),
-                         "seed": Value("int64"), "latents": Array3D(shape=latent_shape, dtype="float32")})
-    return Dataset.from_dict(columns, features=features)
+    features = {"index": Value("int64"), "prompt": Value("string"), "prompt_index": Value("int64"),
+                "seed": Value("int64"), "latents": Array3D(shape=latent_shape, dtype="float32")}
+    if "trajectory" in columns:
+        features["trajectory"] = Array4D(shape=(steps, *latent_shape), dtype="float32")
+        features["trajectory_t"] = Sequence(Value("float32"), length=steps)
+    return Dataset.from_dict(columns, features=Features(features))
 
 
 def _latent_shape(pipe, columns: dict[str, list], resolution: int) -> tuple[int, ...]:
@@ -511,7 +531,12 @@ def _load_anchor_set(path: Path, generated: bool) -> AnchorSet:
     dataset = load_from_disk(str(path)).with_format("numpy")
     latents = torch.from_numpy(np.asarray(dataset["latents"], dtype=np.float32))
     index = torch.from_numpy(np.asarray(dataset["prompt_index"], dtype=np.int64))
-    return AnchorSet(latents=latents, prompt_index=index, generated=generated)
+    trajectory = trajectory_t = None
+    if "trajectory" in dataset.column_names:
+        trajectory = torch.from_numpy(np.asarray(dataset["trajectory"], dtype=np.float32))
+        trajectory_t = torch.from_numpy(np.asarray(dataset["trajectory_t"], dtype=np.float32))
+    return AnchorSet(latents=latents, prompt_index=index, generated=generated, trajectory=trajectory,
+                     trajectory_t=trajectory_t)
 
 
 def cached_anchor_latents(pipe, settings: SamplerSettings, cache_dir: str | Path, batch_size: int = 16,
@@ -562,10 +587,10 @@ def cached_anchor_latents(pipe, settings: SamplerSettings, cache_dir: str | Path
     # and an empty set is never cached (every process then fails below, none waits forever).
     if state.num_processes == 1:
         if columns["index"]:
-            _atomic_save(_to_dataset(columns, shape), final, settings)
+            _atomic_save(_to_dataset(columns, shape, settings.steps), final, settings)
     else:
         if columns["index"]:
-            _to_dataset(columns, shape).save_to_disk(str(shards / f"rank-{state.process_index}"))
+            _to_dataset(columns, shape, settings.steps).save_to_disk(str(shards / f"rank-{state.process_index}"))
         state.wait_for_everyone()
         if state.is_main_process:
             from datasets import concatenate_datasets, load_from_disk

@@ -70,7 +70,7 @@ class Objective:
         bsz = batch_size or cfg.train_batch_size
         rank = self.rank if seed_rank is None else seed_rank
         g = torch.Generator().manual_seed(micro_step_seed(cfg.seed, micro_step, rank))
-        idx, latents = self._draw_latents(bsz, g)
+        idx, latents, flips = self._draw_latents(bsz, g)
         rows = data.target_rows[idx, torch.randint(0, data.target_rows.shape[1], (bsz,), generator=g)]
         mask = None
         if cfg.augment:
@@ -80,14 +80,17 @@ class Objective:
             column = augment.prefix_column(aug.zoom, aug.prefix)
             prefixed_rows = data.prefix_rows[rows, column.clamp_min(0)]
             rows = torch.where(column >= 0, prefixed_rows, rows)
-        noisy, t, target = self._noise(latents, g)
+        if data.trajectory is not None:  # --anchor-trajectory: a sampler state of each latent, at its own timestep
+            noisy, t, target = self._trajectory_states(idx, flips, g)
+        else:
+            noisy, t, target = self._noise(latents, g)
         if self.train_text:  # the trained embedding rows must be in the graph: encode now
             target_cond = self.adapter.encode_prompts(self.pipe, [data.prompts[i] for i in rows], self.device)
         else:
             target_cond = data.embeddings.select(rows)
         prior = None
         if cfg.prior_preservation:
-            p_idx, p_latents = self._draw_latents(bsz, g)
+            p_idx, p_latents, _ = self._draw_latents(bsz, g)
             p_noisy, p_t, p_target = self._noise(p_latents, g)
             prior_cond = data.embeddings.select(data.anchor_rows[p_idx])
             prior = Batch(p_noisy, p_t, p_target, anchor_cond=prior_cond, target_cond=prior_cond)
@@ -97,13 +100,26 @@ class Objective:
         return Batch(noisy=noisy, timesteps=t, target=target, anchor_cond=data.embeddings.select(data.anchor_rows[idx]),
                      target_cond=target_cond, mask=mask, prior=prior, adversary_seed=adversary)
 
-    def _draw_latents(self, bsz: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_latents(self, bsz: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices, (flipped) latents and which rows were flipped."""
         idx = torch.randint(0, len(self.data.latents), (bsz,), generator=g)
         latents = self.data.latents[idx]
-        flips = torch.rand(bsz, generator=g) < 0.5
-        if self.cfg.hflip:  # flipping latents ~ flipping images: the SD autoencoder is convolutional
-            latents = torch.where(flips[:, None, None, None], latents.flip(-1), latents)
-        return idx, latents
+        flips = (torch.rand(bsz, generator=g) < 0.5) & self.cfg.hflip
+        # flipping latents ~ flipping images: the SD autoencoder is convolutional
+        latents = torch.where(flips[:, None, None, None], latents.flip(-1), latents)
+        return idx, latents, flips
+
+    def _trajectory_states(self, idx: torch.Tensor, flips: torch.Tensor, g: torch.Generator):
+        """(noisy, timesteps, target) from the sampler states of the drawn anchors (`--anchor-trajectory`).
+
+        The state sampler step i starts from is a noisy latent at that step's timestep, so the model-based loss
+        (which needs no noise) can use it as is; `target` is unused there (the config allows no other variant).
+        """
+        states, times = self.data.trajectory, self.data.trajectory_t
+        step = torch.randint(0, states.shape[1], (len(idx),), generator=g)
+        noisy = states[idx, step]
+        noisy = torch.where(flips[:, None, None, None], noisy.flip(-1), noisy).to(self.device)
+        return noisy, times[idx, step].to(self.device), torch.zeros_like(noisy)
 
     def _noise(self, latents: torch.Tensor, g: torch.Generator):
         # The noise first, then the timesteps (the adapter draws them from `g`): the order of every release.

@@ -27,6 +27,7 @@ groups name, so `setup_trainable` unfuses them first and `group_modules` refuses
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -148,8 +149,12 @@ def embedding_weight_name(encoder: nn.Module) -> str:
     return next(name for name, p in encoder.named_parameters() if p is weight)
 
 
-def target_token_ids(tokenizer, target: str, anchor: str) -> list[int]:
+def target_token_ids(tokenizer, target: str, anchor: str, anchor_prompts: Sequence[str] = ()) -> list[int]:
     """Token ids of the target that the anchor does not share ("grumpy cat" vs "cat" -> ids of "grumpy").
+
+    Tokens that the anchor prompts use too are left out when others remain: a memorized caption ("the iconic
+    lighthouse at dawn poster") shares "the", "at", "dawn" with its paraphrases, and retraining those rows
+    would change every prompt with those words; "iconic" is the caption's own.
 
     Raises:
         ConfigError: every token of the target is an anchor token (nothing could be trained).
@@ -157,11 +162,12 @@ def target_token_ids(tokenizer, target: str, anchor: str) -> list[int]:
     def ids(text: str) -> set[int]:
         return set(tokenizer(text, add_special_tokens=False).input_ids)
 
-    tokens = sorted(ids(target) - ids(anchor))
+    tokens = ids(target) - ids(anchor)
     if not tokens:
         raise ConfigError(f"the target {target!r} has no tokens of its own (all shared with {anchor!r}); "
                           f"the embedding group cannot separate them")
-    return tokens
+    own = tokens - set().union(*(ids(p) for p in anchor_prompts))
+    return sorted(own or tokens)
 
 
 class TrainedRows:

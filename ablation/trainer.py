@@ -222,7 +222,8 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
         data.embeddings = training_adapter(pipe).encode_prompts(pipe, data.prompts, device).to(device, torch.float32)
     token_ids = None
     if cfg.params == "embedding":
-        token_ids = sorted({i for c in plan.concepts for i in target_token_ids(pipe.tokenizer, c.target, c.anchor)})
+        token_ids = sorted({i for c in plan.concepts
+                            for i in target_token_ids(pipe.tokenizer, c.target, c.anchor, c.anchor_prompts)})
         shared = common_words(pipe.tokenizer, token_ids)
         if shared:
             logger.warning("the embedding group retrains the token rows of %s: common words, so every prompt that uses "

@@ -28,6 +28,8 @@ class TrainingData:
     prefix_rows: torch.Tensor | None = None  # [len(prompts), 4], -1 for rows that are not target prompts
     control_rows: torch.Tensor | None = None  # rows of the control prompts (`ablation.preserve`)
     blank: torch.Tensor | None = None  # latent of the augmentation's grey canvas
+    trajectory: torch.Tensor | None = None  # [N, S, C, H, W] sampler states of each latent (--anchor-trajectory)
+    trajectory_t: torch.Tensor | None = None  # [N, S] their timesteps
 
 
 def copy_filter(plan: RunPlan, concept, device):
@@ -73,6 +75,7 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
     # Taken before the frozen weights are cast for mixed precision (the dtype is part of the key).
     model_key = data.anchor_model_key(cfg.model, plan.model_path, pipe, None)
     latents, anchor_rows, target_rows, prompts, generated = [], [], [], [], 0
+    states, state_t = [], []
     for i, concept in enumerate(plan.concepts):
         if cfg.variant == "image-based" and (cfg.anchor_images or cfg.retrieval):
             source = cfg.anchor_images
@@ -92,7 +95,7 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
             settings = data.SamplerSettings(model_key, concept.anchor_prompts, cfg.anchor_scheduler,
                                             cfg.anchor_steps, cfg.anchor_guidance, cfg.resolution,
                                             cfg.num_anchor_images, cfg.seed, precision=cfg.mixed_precision,
-                                            negative_prompt=negative)
+                                            negative_prompt=negative, trajectory=cfg.anchor_trajectory)
             anchors = data.cached_anchor_latents(pipe, settings, cfg.cache_dir, cfg.anchor_batch_size,
                                                  autocast=accelerator.autocast,
                                                  copy_filter=copy_filter(plan, concept, pipe.device))
@@ -102,6 +105,9 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         prompts += list(concept.anchor_prompts) + [v for row in variants for v in row]
         width = len(variants[0])
         latents.append(anchors.latents)
+        if cfg.anchor_trajectory:
+            states.append(anchors.trajectory)
+            state_t.append(anchors.trajectory_t)
         anchor_rows.append(offset + anchors.prompt_index)
         first = offset + len(concept.anchor_prompts) + anchors.prompt_index * width
         target_rows.append(first[:, None] + torch.arange(width)[None, :])
@@ -110,6 +116,8 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         most = max(widths)
         target_rows = [torch.cat([r, r[:, :1].expand(-1, most - r.shape[1])], 1) for r in target_rows]
     training = TrainingData(torch.cat(latents), torch.cat(anchor_rows), torch.cat(target_rows), prompts)
+    if cfg.anchor_trajectory:
+        training.trajectory, training.trajectory_t = torch.cat(states), torch.cat(state_t)
     if cfg.augment:
         add_prefixed_prompts(training)
         training.blank = _blank(pipe.vae, cfg.resolution)

@@ -66,6 +66,16 @@ def test_unknown_parameter_group_and_concept_type(model_dir, tmp_path, capsys):
     _fails(capsys, _args(model_dir, tmp_path, "--concept-type", "vibe"), "invalid choice: 'vibe'", root=tmp_path)
 
 
+def test_anchor_trajectory_needs_the_model_based_variant_without_augmentation(model_dir, tmp_path, capsys):
+    _fails(capsys, _args(model_dir, tmp_path, "--anchor-trajectory", "--variant", "image-based"),
+           "needs the model-based variant", root=tmp_path)
+    # the paper's instance defaults augment; the fix is named
+    _fails(capsys, _args(model_dir, tmp_path, "--anchor-trajectory", "--variant", "model-based"),
+           "add --no-augment", root=tmp_path)
+    _fails(capsys, _args(model_dir, tmp_path, "--anchor-trajectory", "--variant", "model-based", "--no-augment",
+                         "--anchor-steps", "1"), "--anchor-steps >= 2", root=tmp_path)
+
+
 def test_resolution_not_divisible_by_the_vae_factor(model_dir, tmp_path, capsys):
     _fails(capsys, _args(model_dir, tmp_path, "--resolution", "33"), "not divisible by the VAE factor 2", root=tmp_path)
 

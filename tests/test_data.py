@@ -1,5 +1,6 @@
 """Anchor data: cache key and invalidation, negative prompts, the copy filter, image checks, retrieval."""
 
+import hashlib
 import io
 import json
 import logging
@@ -108,6 +109,48 @@ def test_cache_hits_when_nothing_changes_and_misses_after_a_change(tmp_path):
     assert bf16.generated and not torch.equal(bf16.latents, first.latents)
     saved = json.loads((cache / settings(key(fresh), precision="bf16").cache_key() / data.SETTINGS_FILE).read_text())
     assert saved["precision"] == "bf16"
+
+
+def test_trajectory_states_are_the_samplers_states_at_their_timesteps():
+    pipe = tiny_pipeline("sd1")
+    columns = data.generate_latents(pipe, settings(key(pipe), steps=4, count=1, trajectory=True), [0], 1,
+                                    disable_progress=True)
+    states = torch.from_numpy(np.stack(columns["trajectory"]))[0]
+    assert states.shape == (4, 4, 16, 16)
+    sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+    sampler.set_timesteps(4)
+    assert columns["trajectory_t"][0] == [float(t) for t in sampler.timesteps]
+    # the first state is the seed's initial noise
+    noise = torch.randn(states[0].shape, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(states[0], noise * sampler.init_noise_sigma)
+    # One DDIM step (guidance 3) from each state at its timestep gives the next state, and the last the output.
+    cond, uncond = pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
+    chain = [*states, torch.from_numpy(columns["latents"][0])]
+    with torch.no_grad():
+        for i, t in enumerate(sampler.timesteps):
+            z = chain[i][None]
+            eps_u, eps_c = pipe.unet(torch.cat([z, z]), t, torch.cat([uncond, cond])).sample.chunk(2)
+            step = sampler.step(eps_u + 3.0 * (eps_c - eps_u), t, z).prev_sample
+            assert torch.allclose(step, chain[i + 1][None], atol=1e-5), i
+    from ablation.architectures import recording_states
+
+    with recording_states(sampler, []):
+        assert "step" in vars(sampler)
+    assert "step" not in vars(sampler)  # the recorder is gone: the class's method again
+
+
+def test_trajectory_is_cached_and_keys_of_plain_anchors_are_unchanged(tmp_path):
+    plain = settings("k")
+    old_key = hashlib.sha256(json.dumps({k: v for k, v in plain.__dict__.items() if k != "trajectory"},
+                                        sort_keys=True, default=list).encode()).hexdigest()[:24]
+    assert plain.cache_key() == old_key  # caches written before the option keep their names
+    assert settings("k", trajectory=True).cache_key() != old_key
+    pipe = tiny_pipeline("sd1")
+    first = data.cached_anchor_latents(pipe, settings(key(pipe), steps=3, trajectory=True), tmp_path)
+    assert first.generated and first.trajectory.shape == (2, 3, 4, 16, 16) and first.trajectory_t.shape == (2, 3)
+    again = data.cached_anchor_latents(pipe, settings(key(pipe), steps=3, trajectory=True), tmp_path)
+    assert not again.generated and torch.equal(again.trajectory, first.trajectory)
+    assert torch.equal(again.latents, first.latents)
 
 
 # --------------------------------------------------------------------------------------------------

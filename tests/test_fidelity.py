@@ -161,15 +161,35 @@ def test_hflip_flips_about_half_the_latents():
     for step in range(8):
         objective = _objective(hflip=True)
         g = torch.Generator().manual_seed(step)
-        _, latents = objective._draw_latents(8, g)
+        _, latents, _ = objective._draw_latents(8, g)
         flipped += int((latents[:, 0, 0, -1] > 50).sum())  # the bright column moved to the right edge
     assert 16 <= flipped <= 48  # of 64: p = 0.5
 
 
 def test_no_flip_without_hflip():
     objective = _objective(hflip=False)
-    _, latents = objective._draw_latents(64, torch.Generator().manual_seed(0))
+    _, latents, _ = objective._draw_latents(64, torch.Generator().manual_seed(0))
     assert (latents[:, 0, 0, 0] > 50).all()
+
+
+def test_anchor_trajectory_batches_are_sampler_states_at_their_timesteps():
+    objective = _objective(hflip=True, variant="model-based", anchor_trajectory=True)
+    n, steps = len(objective.data.latents), 3
+    # state s of latent i holds 1000 * i + 10 * s (+ the bright column), timestep 900 - 300 * s
+    states = torch.arange(n, dtype=torch.float32)[:, None] * 1000 + torch.arange(steps)[None, :] * 10
+    objective.data.trajectory = states[:, :, None, None, None].expand(n, steps, 4, 8, 8).clone()
+    objective.data.trajectory[..., 0] += 0.5  # an asymmetric column, so flips are visible
+    objective.data.trajectory_t = (900.0 - 300 * torch.arange(steps, dtype=torch.float32)).expand(n, steps).clone()
+    batch = objective.batch(5)
+    value = batch.noisy[:, 0, 0, 1]
+    latent, state = (value // 1000).long(), ((value % 1000) / 10).round().long()
+    assert torch.equal(batch.timesteps, 900.0 - 300 * state)  # each state at its own timestep
+    assert len(set(state.tolist())) > 1  # states of several sampler steps
+    flipped = batch.noisy[:, 0, 0, -1] > batch.noisy[:, 0, 0, 0]
+    assert 0 < int(flipped.sum()) < len(flipped)
+    # the prompts follow the drawn latent: the anchor prompt of latent i is row i % 2
+    assert torch.equal(batch.anchor_cond.embeds[:, 0, 0], (latent % 2).float())
+    assert torch.equal(objective.batch(5).noisy, batch.noisy)  # resumable: a pure function of the step
 
 
 # --- prompts -----------------------------------------------------------------------------------------
@@ -192,3 +212,20 @@ def test_embedding_group_warns_about_common_words():
     assert common_words(tokenizer, target_token_ids(tokenizer, "Van Gogh", "painting")) == ["van"]
     assert common_words(tokenizer, target_token_ids(tokenizer, "Grumpy Cat", "cat")) == []
     assert sorted(common_words(tokenizer, target_token_ids(tokenizer, "R2D2", "robot"))) == ["2", "d", "r"]
+
+
+def test_embedding_group_leaves_out_words_the_anchor_prompts_use():
+    from ablation.params import target_token_ids
+    from ablation.tokenizer_util import clip_tokenizer
+    from ablation.toyworld import catalog
+
+    tokenizer = clip_tokenizer()
+    words = lambda ids: sorted(tokenizer.convert_ids_to_tokens(ids))  # noqa: E731
+    for fam, own in (("memorized_lighthouse", ["iconic</w>"]), ("memorized_balloon", ["famous</w>", "paris</w>"])):
+        family = catalog().families[fam]
+        everything = target_token_ids(tokenizer, family.target, family.anchor)
+        assert len(everything) > len(own)  # "the", "at", "red", ... as well
+        assert words(target_token_ids(tokenizer, family.target, family.anchor, family.train_prompts)) == own
+    # nothing of its own left: the plain difference, not nothing
+    assert target_token_ids(tokenizer, "grumpy cat", "cat", ["a grumpy cat"]) == target_token_ids(
+        tokenizer, "grumpy cat", "cat")

@@ -27,7 +27,11 @@ def trained_group(ctx: AttackContext) -> tuple[str, list[torch.nn.Parameter], to
     group = ctx.metadata.get("params") or "cross-attn"
     if group == "embedding":
         weight = ctx.pipe.text_encoder.get_input_embeddings().weight
-        rows = target_token_ids(ctx.pipe.tokenizer, ctx.task.target, ctx.task.anchor)
+        base = weight.detach().clone()
+        with torch.no_grad(), ctx.ablated():  # the rows the ablation changed are the rows it trained
+            changed = (ctx.pipe.text_encoder.get_input_embeddings().weight != base).any(1)
+        rows = changed.nonzero().flatten().tolist() or target_token_ids(ctx.pipe.tokenizer, ctx.task.target,
+                                                                         ctx.task.anchor)
         mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         mask[rows] = 1
         return group, [weight], mask
