@@ -30,6 +30,7 @@ moments; the difference is negligible for these small models and it keeps checkp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -173,8 +174,13 @@ def load_data(work: Path, num_images: int):
     return data["images"], list(data["captions"]), list(data["concepts"])
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    return clip_tokenizer(TEXT_LEN)  # one instance: its BPE cache makes repeated words cheap (1 s -> ms per call)
+
+
 def tokenize(captions: list[str]) -> torch.Tensor:
-    tok = clip_tokenizer(TEXT_LEN)
+    tok = _tokenizer()
     unique = sorted(set(captions))
     ids = tok(unique, padding="max_length", max_length=TEXT_LEN, truncation=True, return_tensors="pt").input_ids
     index = {c: i for i, c in enumerate(unique)}
@@ -407,7 +413,14 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
 
     vae = load_vae(work, 8, device)
     clip_model = load_clip(work, device)
-    mean, std = encode_latents(vae, images, device)
+    cached = work / "unet" / f"latents_{len(images)}.pt"  # a resumed stage skips the encoding (minutes on CPU)
+    if cached.exists():
+        mean, std = torch.load(cached, weights_only=True).values()
+    else:
+        mean, std = encode_latents(vae, images, device)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"mean": mean, "std": std}, cached.with_suffix(".tmp"))
+        os.replace(cached.with_suffix(".tmp"), cached)
     scale = vae.config.scaling_factor
     # Unique captions -> hidden states once; "" is the unconditional prompt for guidance.
     unique = sorted(set(captions) | {""})
