@@ -63,6 +63,7 @@ class Objective:
         self.lora = getattr(self.base_unet, "_hf_peft_config_loaded", False)
         self.preservation = None  # set by the trainer when --preserve-weight > 0
         self.train_text = cfg.params == "embedding"
+        self.adversary: torch.Tensor | None = None  # --robust-adversary persistent: its perturbation [L, D]
 
     def batch(self, micro_step: int, batch_size: int | None = None, seed_rank: int | None = None) -> Batch:
         """The micro-batch of a micro-step (a pure function of seed, step and rank)."""
@@ -131,21 +132,23 @@ class Objective:
         return self.adapter.predict(unet, noisy, t, cond)
 
     @torch.no_grad()
-    def teacher(self, batch: Batch) -> torch.Tensor:
-        """sg[eps_theta(z_t, t, c)]: the model itself (`same`) or the pretrained weights (`frozen`)."""
+    def teacher(self, batch: Batch, cond: PromptEmbeddings | None = None) -> torch.Tensor:
+        """sg[eps_theta(z_t, t, c)]: the model itself (`same`) or the pretrained weights (`frozen`); `cond` replaces
+        the anchor conditioning c."""
+        cond = batch.anchor_cond if cond is None else cond
         # The UNet is not trained in the embedding group, and anchor embeddings are computed once from
         # the original encoder, so there `same` and `frozen` are one and the same teacher.
         if self.cfg.teacher == "same" or self.train_text:
-            return self.predict(self.base_unet, batch.noisy, batch.timesteps, batch.anchor_cond)
+            return self.predict(self.base_unet, batch.noisy, batch.timesteps, cond)
         if self.lora:  # adapters off = the pretrained model, at no memory cost
             self.base_unet.disable_adapters()
             try:
-                return self.predict(self.base_unet, batch.noisy, batch.timesteps, batch.anchor_cond)
+                return self.predict(self.base_unet, batch.noisy, batch.timesteps, cond)
             finally:
                 self.base_unet.enable_adapters()
         # Dense: the trained tensors' original values swapped in for this call only.
         return self.predict(lambda *a, **k: torch.func.functional_call(self.base_unet, self.teacher_params, a, k),
-                            batch.noisy, batch.timesteps, batch.anchor_cond)
+                            batch.noisy, batch.timesteps, cond)
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts (`ablation`, `prior`) for a micro-batch."""
@@ -196,12 +199,52 @@ class Objective:
             size = batch.noisy.shape[-1] * self.adapter.vae_scale_factor
             kwargs = {"text_embeds": target.pooled,
                       "time_ids": sdxl_time_ids(size, len(batch.noisy), batch.noisy.device, target.pooled.dtype)}
+        if cfg.robust_adversary == "persistent":
+            return self._persistent_robust_loss(batch, teacher)
         adv = adversarial_target_embeddings(
             self.base_unet, batch.noisy, batch.timesteps, target.embeds, teacher,
             positions=target_positions(target.embeds, batch.anchor_cond.embeds), steps=cfg.robust_steps,
             radius=cfg.robust_radius, generator=torch.Generator().manual_seed(batch.adversary_seed),
             added_cond_kwargs=kwargs)
         student = self.predict(self.unet, batch.noisy, batch.timesteps, PromptEmbeddings(adv.embeds, target.pooled))
+        return losses.model_based_loss(student, teacher, batch.mask)
+
+
+    def _persistent_robust_loss(self, batch: Batch, teacher: torch.Tensor) -> torch.Tensor:
+        """Ablation loss on the target conditioning plus a perturbation kept across steps (`--robust-adversary
+        persistent`).
+
+        The perturbation delta ([L, D], shared by every target prompt, every token may move) is what an attacker
+        would look for: a few normalised-gradient steps move it towards conditioning under which the model being
+        trained predicts what the original model predicts for the plain target prompt,
+        min_delta || eps_theta(z_t, t, c* + delta) - sg[eps_orig(z_t, t, c*)] ||^2, within ||delta_i|| <= radius x
+        the mean token norm of c*. Because it persists, it keeps tracking the ablation as training goes on, as the
+        attacker's prefix would (AdvUnlearn keeps its adversarial prompt the same way). The model then learns to
+        map c* + delta to the anchor's prediction.
+        """
+        from ablation.attacks.robust import _project
+
+        cfg = self.cfg
+        target = batch.target_cond
+        base = target.embeds.detach().float()
+        if self.adversary is None:
+            self.adversary = torch.zeros(base.shape[1:], device=base.device)
+        bound = cfg.robust_radius * base.norm(dim=-1).mean()
+        original = self.teacher(batch, target)  # what the unablated model draws for the target
+        delta = self.adversary
+        with torch.enable_grad():
+            for _ in range(cfg.robust_steps):
+                delta = delta.detach().requires_grad_(True)
+                pred = self.predict(self.base_unet, batch.noisy, batch.timesteps,
+                                    PromptEmbeddings((base + delta).to(target.embeds.dtype), target.pooled))
+                loss = losses.model_based_loss(pred, original, batch.mask)
+                (grad,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    delta = _project(delta - (2.5 / cfg.robust_steps) * 0.1 * bound * step, bound)
+        self.adversary = delta.detach()
+        student = self.predict(self.unet, batch.noisy, batch.timesteps,
+                               PromptEmbeddings((base + self.adversary).to(target.embeds.dtype), target.pooled))
         return losses.model_based_loss(student, teacher, batch.mask)
 
 

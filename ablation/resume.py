@@ -19,6 +19,7 @@ from ablation.io import atomic_write_text
 
 STATE_FILE = "ablation_state.json"  # written last into a checkpoint: marks it complete
 TRAINED_FILE = "trained.safetensors"
+ADVERSARY_KEY = "robust.adversary"  # not a component's tensor: no trained name starts with "robust."
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -50,12 +51,17 @@ def weights_checksum(trainable) -> str:
     return h.hexdigest()
 
 
-def register_state_hooks(accelerator, trainable) -> None:
-    """Checkpoints hold only the trained tensors (not whole models), plus accelerate's optimizer/RNG state."""
+def register_state_hooks(accelerator, trainable, objective=None) -> None:
+    """Checkpoints hold only the trained tensors (not whole models), plus accelerate's optimizer/RNG state, and the
+    persistent adversary of `--robust-adversary persistent` (`objective.adversary`) when there is one."""
     def save_hook(models, weights, output_dir):
         weights.clear()  # accelerate would otherwise save every prepared model in full
         if accelerator.is_main_process:
-            save_file(_trained_state(trainable), os.path.join(output_dir, TRAINED_FILE))
+            state = _trained_state(trainable)
+            adversary = getattr(objective, "adversary", None)
+            if adversary is not None:
+                state[ADVERSARY_KEY] = adversary.detach().float().cpu().contiguous()
+            save_file(state, os.path.join(output_dir, TRAINED_FILE))
 
     def load_hook(models, input_dir):
         models.clear()
@@ -64,6 +70,8 @@ def register_state_hooks(accelerator, trainable) -> None:
             for comp, params in trainable.parameters.items():
                 for name, p in params.items():
                     p.copy_(state[f"{comp}.{name}"])
+        if objective is not None and ADVERSARY_KEY in state:
+            objective.adversary = state[ADVERSARY_KEY].to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

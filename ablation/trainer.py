@@ -159,11 +159,11 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
         optimizer = accelerator.prepare(optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
-    register_state_hooks(accelerator, trainable)
     noise_scheduler = adapter.training_scheduler(pipe)  # UNet: DDPM; SD3/FLUX: flow matching
     objective = Objective(cfg, pipe, data, noise_scheduler, unet, accelerator.device, accelerator.process_index,
                           teacher_params, adapter)
     objective.preservation = preservation
+    register_state_hooks(accelerator, trainable, objective)
     return unet, optimizer, trainable, objective, lr
 
 

@@ -346,6 +346,12 @@ def test_robust_training_adds_the_adversarial_term(tmp_path, model_dir):
     assert robust.losses[0] > plain.losses[0] and robust.losses[2] != plain.losses[2]
     with pytest.raises(ConfigError, match="--robust needs the model-based variant"):
         build_config(None, {**values, "robust": True, "params": "embedding"})
+    persistent = train(build_config(None, {**values, "output_dir": str(tmp_path / "persistent"), "robust": True,
+                                           "robust_every": 2, "robust_adversary": "persistent"}))
+    assert persistent.losses[0] > plain.losses[0] and persistent.losses[1] != plain.losses[1]
+    with pytest.raises(ConfigError, match="add --teacher frozen"):
+        train(build_config(None, {**values, "output_dir": str(tmp_path / "same"), "robust": True,
+                                  "robust_adversary": "persistent", "teacher": "same"}))
 
 
 def test_eval_attacks_adds_the_robustness_table(world, tmp_path, capsys):

@@ -38,6 +38,19 @@ def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
 
 
+def test_kill_and_resume_keeps_the_persistent_adversary(model_dir, tmp_path):
+    """--robust-adversary persistent carries a perturbation across steps: a resumed run must carry it too."""
+    robust = dict(params="cross-attn", teacher="frozen", robust=True, robust_adversary="persistent",
+                  robust_radius=1.0, prior_preservation=False)
+    full = train(build_config(None, _values(model_dir, tmp_path, "full", **robust)))
+    train(build_config(None, _values(model_dir, tmp_path, "resumed", stop_after_steps=4, **robust)))
+    saved = load_file(tmp_path / "resumed" / "checkpoints" / "checkpoint-3" / "trained.safetensors")
+    assert saved["robust.adversary"].abs().sum() > 0  # it moved and was saved
+    resumed = train(build_config(None, _values(model_dir, tmp_path, "resumed", resume_from_checkpoint="latest",
+                                               **robust)))
+    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
+
+
 def test_resuming_with_another_configuration_is_an_error(model_dir, tmp_path, capsys):
     train(build_config(None, _values(model_dir, tmp_path, "run", max_steps=3)))
     args = ["--model", model_dir, "--target", "Grumpy Cat", "--anchor", "Cat", "--resolution", "32",
