@@ -12,6 +12,7 @@ Stages (each resumable: it saves `<work>/<stage>/model.safetensors` + `progress.
     upscaler  x4 upscaler UNet (16 px -> 64 px) for StableDiffusionUpscalePipeline
     assemble  write fp16 safetensors folders into ablation/toyworld/weights/{pipeline,clip,upscaler}
     assemble-unet  replace only the pipeline's UNet file (after a UNet continuation)
+    share     store each shared file once (relative links); assemble ends with it
     from-weights   rebuild the stage checkpoints from the shipped folders (to continue a stage)
 
 Examples:
@@ -637,6 +638,65 @@ def stage_assemble_unet(work: Path, out: Path) -> None:
     print(f"[assemble-unet] wrote {dest}")
 
 
+def _link(path: Path, target: str) -> None:
+    """Replace `path` by a relative symbolic link to `target` (which must exist)."""
+    if not (path.parent / target).exists():
+        raise FileNotFoundError(f"{path} would link to a missing {target}")
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    path.symlink_to(target)
+
+
+def stage_share(out: Path) -> None:
+    """Store every file the shipped folders share once: relative links to one copy (idempotent).
+
+    * tokenizer files -> the package's `ablation/tokenizer` (the pipeline's slimmed tokenizer_config is the
+      judge's and the upscaler's);
+    * the upscaler's text encoder -> the pipeline's;
+    * the judge's text tower: the pipeline's text-encoder file, with its keys named `text_model.*` (which
+      `CLIPTextModel` loads as well), is the first shard of the judge's two-shard `CLIPModel` checkpoint; the
+      second holds the vision tower, the projections and the logit scale. Checked to be the same tensors first.
+    """
+    pipeline, clip, up = out / "pipeline", out / "clip", out / "upscaler"
+    for folder, depth in ((pipeline / "tokenizer", "../../../../"), (up / "tokenizer", "../../../../"),
+                          (clip, "../../../")):
+        for name in ("merges.txt", "special_tokens_map.json", "vocab.json"):
+            _link(folder / name, depth + "tokenizer/" + name)
+    _link(up / "tokenizer" / "tokenizer_config.json", "../../pipeline/tokenizer/tokenizer_config.json")
+    _link(clip / "tokenizer_config.json", "../pipeline/tokenizer/tokenizer_config.json")
+    for name in ("config.json", "model.safetensors"):
+        _link(up / "text_encoder" / name, "../../pipeline/text_encoder/" + name)
+    te_file, single = pipeline / "text_encoder" / "model.safetensors", clip / "model.safetensors"
+    if single.exists():
+        text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(te_file).items()}
+        judge = load_file(single)
+        for key, value in text.items():
+            if not torch.equal(judge[key], value):
+                raise ValueError(f"the judge's {key} differs from the pipeline's text encoder: not shareable")
+        rest = {k: v for k, v in judge.items() if k not in text}
+        for path, tensors in ((te_file, text), (clip / "model-00002-of-00002.safetensors", rest)):
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            os.replace(tmp, path)
+        _link(clip / "model-00001-of-00002.safetensors", "../pipeline/text_encoder/model.safetensors")
+        weight_map = {k: "model-00001-of-00002.safetensors" for k in text} | {
+            k: "model-00002-of-00002.safetensors" for k in rest}
+        (clip / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+        single.unlink()
+        # the toy MMDiT's text tower links to the same file: its shard index names the renamed keys
+        index = out / "sd3" / "text_encoder" / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            shared = "model-00001-of-00002.safetensors"
+            data["weight_map"] = {("text_model." + k if v == shared and not k.startswith("text_model.") else k): v
+                                  for k, v in data["weight_map"].items()}
+            index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(f"[share] {out}: shared files are links")
+
+
 def stage_pack(work: Path, dest: Path) -> None:
     """Copy every stage's weights as fp16 (small enough to move) plus one progress.json to `dest`.
 
@@ -656,12 +716,17 @@ def stage_from_weights(weights: Path, work: Path) -> None:
     """Rebuild the stage checkpoints from the shipped folders, to continue training them."""
     sources = {"vae8": weights / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors",
                "vae4": weights / "upscaler" / "vae" / "diffusion_pytorch_model.safetensors",
-               "clip": weights / "clip" / "model.safetensors",
+               "clip": weights / "clip",
                "unet": weights / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors",
                "upscaler": weights / "upscaler" / "unet" / "diffusion_pytorch_model.safetensors"}
     for name, src in sources.items():
         (work / name).mkdir(parents=True, exist_ok=True)
-        state = {k: v.float() for k, v in load_file(src).items()}
+        if src.is_dir():  # the judge: a two-shard CLIPModel checkpoint (its text tower is the pipeline's file)
+            from transformers import CLIPModel
+
+            state = {k: v.float().contiguous() for k, v in CLIPModel.from_pretrained(src).state_dict().items()}
+        else:
+            state = {k: v.float() for k, v in load_file(src).items()}
         save_file(state, work / name / "model.safetensors")
         if name == "unet":
             save_file(state, work / name / "ema.safetensors")
@@ -688,8 +753,8 @@ def stage_unpack(src: Path, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="+", choices=["all", "data", "vae8", "vae4", "clip", "unet", "upscaler",
-                                                      "assemble", "assemble-unet", "pack", "unpack",
-                                                      "from-weights"])
+                                                      "assemble", "assemble-unet", "share", "pack",
+                                                      "unpack", "from-weights"])
     parser.add_argument("--pack-dir", type=Path, default=None, help="for pack/unpack: the fp16 transfer folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--work", type=Path, default=ROOT / "work_toy", help="checkpoints and the rendered data")
@@ -735,6 +800,9 @@ def main() -> None:
             stage_from_weights(args.out, args.work)
         elif stage == "assemble":
             stage_assemble(args.work, args.out)
+            stage_share(args.out)
+        elif stage == "share":
+            stage_share(args.out)
         elif stage == "assemble-unet":
             stage_assemble_unet(args.work, args.out)
         else:

@@ -61,9 +61,9 @@ def test_plain_from_pretrained_gives_float32_everywhere():
 
 
 def test_shipped_weights_store_each_file_once():
-    """The upscaler reuses the pipeline's text tower, the toy MMDiT (`sd3`) the pipeline's text tower and VAE, and
-    every folder the package's tokenizer files (relative links), so no two regular files of the shipped weights are
-    byte-identical; every link resolves in the package."""
+    """The upscaler and the judge reuse the pipeline's text tower, the toy MMDiT (`sd3`) the pipeline's text tower
+    and VAE, and every folder the package's tokenizer files (relative links), so no two regular files of the shipped
+    weights are byte-identical; every link resolves in the package."""
     import hashlib
 
     from ablation.toyworld import WEIGHTS_DIR
@@ -84,3 +84,8 @@ def test_shipped_weights_store_each_file_once():
             assert digest not in seen, f"{path} duplicates {seen[digest]}"
             seen[digest] = str(path)
     assert links >= 11
+    # the judge's text tower is the pipeline's text-encoder file (the first shard of its CLIPModel checkpoint)
+    judge = WEIGHTS_DIR / "clip"
+    assert not (judge / "model.safetensors").exists()
+    shard = judge / "model-00001-of-00002.safetensors"
+    assert shard.is_symlink() and shard.resolve() == (WEIGHTS_DIR / "pipeline/text_encoder/model.safetensors").resolve()
