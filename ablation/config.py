@@ -117,12 +117,13 @@ class TrainConfig:
     robust_radius: float = _help("--robust: per-token bound of the perturbation, relative to the token's norm",
                                  default=0.1)
     robust_weight: float = _help("--robust: weight of the ablation loss on the adversarial conditioning", default=1.0)
-    robust_adversary: Literal["ball", "persistent"] = _help(
+    robust_adversary: Literal["ball", "persistent", "prefix"] = _help(
         "--robust: `ball` starts afresh each use and pushes the prediction away from the anchor's within "
         "--robust-radius of the target's own tokens; `persistent` keeps one perturbation of every token across "
         "steps and moves it, by --robust-steps steps per use, towards conditioning under which the model draws "
-        "what the original model draws for the target (how `prefix` attacks), within --robust-radius",
-        default="ball")
+        "what the original model draws for the target, within --robust-radius; `prefix` does the same with five "
+        "free input tokens in front of the target prompt, through the text encoder (as the `prefix` attack; one "
+        "CLIP text encoder: SD 1.x/2.x)", default="ball")
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float | None = _help("AdamW learning rate (base rate if --scale-lr)", default=None)
@@ -544,10 +545,11 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         raise ConfigError("--lora-rank applies to UNet groups; the embedding group trains token rows directly")
     if "lora" in resolved.export and not resolved.lora_rank:
         raise ConfigError("--export lora needs --lora-rank > 0")
-    if resolved.robust and resolved.robust_adversary == "persistent" and resolved.teacher == "same" \
+    if resolved.robust and resolved.robust_adversary != "ball" and resolved.teacher == "same" \
             and not resolved.lora_rank:
-        raise ConfigError("--robust-adversary persistent aims at what the original model draws for the target, which "
-                          "a dense run keeps only with --teacher frozen; add --teacher frozen (or use --lora-rank)")
+        raise ConfigError(f"--robust-adversary {resolved.robust_adversary} aims at what the original model draws for "
+                          "the target, which a dense run keeps only with --teacher frozen; add --teacher frozen (or "
+                          "use --lora-rank)")
     if resolved.anchor_trajectory:
         if resolved.augment:
             raise ConfigError("--anchor-trajectory trains on noisy sampler states, which the resize augmentation "

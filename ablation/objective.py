@@ -40,6 +40,7 @@ class Batch:
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss mask of the resize augmentation
     prior: Batch | None = None  # the prior-preservation half (its anchor_cond is its own conditioning)
     adversary_seed: int | None = None  # set on the micro-steps where --robust adds adversarial target prompts
+    target_rows: torch.Tensor | None = None  # rows of `TrainingData.prompts` of the target prompts
 
 
 def micro_step_seed(seed: int, micro_step: int, rank: int) -> int:
@@ -99,7 +100,7 @@ class Objective:
         if cfg.robust and micro_step >= 0 and micro_step % cfg.robust_every == 0:
             adversary = int(torch.randint(0, 2**62, (1,), generator=g))
         return Batch(noisy=noisy, timesteps=t, target=target, anchor_cond=data.embeddings.select(data.anchor_rows[idx]),
-                     target_cond=target_cond, mask=mask, prior=prior, adversary_seed=adversary)
+                     target_cond=target_cond, mask=mask, prior=prior, adversary_seed=adversary, target_rows=rows)
 
     def _draw_latents(self, bsz: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices, (flipped) latents and which rows were flipped."""
@@ -201,6 +202,8 @@ class Objective:
                       "time_ids": sdxl_time_ids(size, len(batch.noisy), batch.noisy.device, target.pooled.dtype)}
         if cfg.robust_adversary == "persistent":
             return self._persistent_robust_loss(batch, teacher)
+        if cfg.robust_adversary == "prefix":
+            return self._prefix_robust_loss(batch, teacher)
         adv = adversarial_target_embeddings(
             self.base_unet, batch.noisy, batch.timesteps, target.embeds, teacher,
             positions=target_positions(target.embeds, batch.anchor_cond.embeds), steps=cfg.robust_steps,
@@ -245,6 +248,44 @@ class Objective:
         self.adversary = delta.detach()
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
                                PromptEmbeddings((base + self.adversary).to(target.embeds.dtype), target.pooled))
+        return losses.model_based_loss(student, teacher, batch.mask)
+
+
+    def _prefix_robust_loss(self, batch: Batch, teacher: torch.Tensor) -> torch.Tensor:
+        """Ablation loss on "<k free tokens> <target prompt>" (`--robust-adversary prefix`).
+
+        The `prefix` attack's own parametrisation, kept across steps: k = 5 input-token embeddings (started at
+        random vocabulary tokens, seeded) in front of each target prompt, through the text encoder, moved by
+        --robust-steps signed-gradient steps per use towards what the original model predicts for the plain target
+        prompt; the model then learns to map the prefixed prompts to the anchor.
+        """
+        from ablation.attacks.common import encode, placeholder_id, token_overrides
+        from ablation.attacks.prefix import DEFAULT_TOKENS, prefixed
+
+        cfg, pipe = self.cfg, self.pipe
+        texts = [prefixed(self.data.prompts[int(r)], DEFAULT_TOKENS) for r in batch.target_rows]
+        token = placeholder_id(pipe.tokenizer)
+        weight = pipe.text_encoder.get_input_embeddings().weight
+        if self.adversary is None:
+            start = torch.randint(0, weight.shape[0] - 2, (DEFAULT_TOKENS,),
+                                  generator=torch.Generator().manual_seed(cfg.seed))
+            self.adversary = weight[start].detach().float().clone()
+        step_size = cfg.robust_radius * 0.1 * float(weight.detach().float().std())  # a tenth of the ball per step
+        original = self.teacher(batch, batch.target_cond)
+        vectors = self.adversary
+        device = batch.noisy.device
+        with torch.enable_grad():
+            for _ in range(cfg.robust_steps):
+                vectors = vectors.detach().requires_grad_(True)
+                with token_overrides(pipe.text_encoder, token, vectors):
+                    cond = encode(pipe, texts, device).float()
+                pred = self.predict(self.base_unet, batch.noisy, batch.timesteps, PromptEmbeddings(cond))
+                (grad,) = torch.autograd.grad(losses.model_based_loss(pred, original, batch.mask), vectors)
+                vectors = vectors.detach() - step_size * grad.sign()
+        self.adversary = vectors.detach()
+        with torch.no_grad(), token_overrides(pipe.text_encoder, token, self.adversary):
+            cond = encode(pipe, texts, device).float()
+        student = self.predict(self.unet, batch.noisy, batch.timesteps, PromptEmbeddings(cond))
         return losses.model_based_loss(student, teacher, batch.mask)
 
 

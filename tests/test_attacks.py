@@ -349,6 +349,9 @@ def test_robust_training_adds_the_adversarial_term(tmp_path, model_dir):
     persistent = train(build_config(None, {**values, "output_dir": str(tmp_path / "persistent"), "robust": True,
                                            "robust_every": 2, "robust_adversary": "persistent"}))
     assert persistent.losses[0] > plain.losses[0] and persistent.losses[1] != plain.losses[1]
+    prefix = train(build_config(None, {**values, "output_dir": str(tmp_path / "prefix"), "robust": True,
+                                       "robust_every": 2, "robust_adversary": "prefix"}))
+    assert prefix.losses[0] > plain.losses[0] and prefix.losses[0] != persistent.losses[0]
     with pytest.raises(ConfigError, match="add --teacher frozen"):
         train(build_config(None, {**values, "output_dir": str(tmp_path / "same"), "robust": True,
                                   "robust_adversary": "persistent", "teacher": "same"}))
