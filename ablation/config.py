@@ -114,8 +114,9 @@ class TrainConfig:
         "forward and backward passes per use). Model-based variant, UNet groups", default=False)
     robust_every: int = _help("--robust: use the adversary every N micro-steps", default=1)
     robust_steps: int = _help("--robust: ascent steps of the adversary", default=3)
-    robust_radius: float = _help("--robust: per-token bound of the perturbation, relative to the token's norm",
-                                 default=0.1)
+    robust_radius: float | None = _help(
+        "--robust: bound of the perturbation, relative to the token norm (default: 0.1 for `ball`, 1.0 for the "
+        "persistent adversaries)", default=None)
     robust_weight: float = _help("--robust: weight of the ablation loss on the adversarial conditioning", default=1.0)
     robust_adversary: Literal["ball", "persistent", "prefix"] = _help(
         "--robust: `ball` starts afresh each use and pushes the prediction away from the anchor's within "
@@ -123,7 +124,7 @@ class TrainConfig:
         "steps and moves it, by --robust-steps steps per use, towards conditioning under which the model draws "
         "what the original model draws for the target, within --robust-radius; `prefix` does the same with five "
         "free input tokens in front of the target prompt, through the text encoder (as the `prefix` attack; one "
-        "CLIP text encoder: SD 1.x/2.x)", default="ball")
+        "CLIP text encoder: SD 1.x/2.x). docs/robustness.md measures them", default="persistent")
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float | None = _help("AdamW learning rate (base rate if --scale-lr)", default=None)
@@ -227,7 +228,8 @@ class TrainConfig:
         if self.robust and (self.variant != "model-based" or self.params == "embedding"):
             raise ConfigError("--robust needs the model-based variant and a UNet group (--params cross-attn, attn or "
                               "full): the adversary moves the UNet's text conditioning")
-        if self.robust_every < 1 or self.robust_steps < 1 or self.robust_radius <= 0 or self.robust_weight < 0:
+        if self.robust_every < 1 or self.robust_steps < 1 or self.robust_weight < 0 or (
+                self.robust_radius is not None and self.robust_radius <= 0):
             raise ConfigError("--robust-every and --robust-steps must be >= 1, --robust-radius > 0, "
                               "--robust-weight >= 0")
         if self.anchor_trajectory and self.variant != "model-based":
@@ -536,6 +538,7 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
     if config.params == "embedding" or (config.params is None and defaults.get("params") == "embedding"):
         # The anchor prompts do not contain the trained token rows, so the prior term would have no gradient.
         defaults["prior_preservation"] = False
+    defaults["robust_radius"] = 0.1 if config.robust_adversary == "ball" else 1.0
     updates = {k: v for k, v in defaults.items() if getattr(config, k) is None}
     resolved = dataclasses.replace(config, **updates)
     if resolved.resolution % vae_scale_factor:
@@ -545,11 +548,6 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         raise ConfigError("--lora-rank applies to UNet groups; the embedding group trains token rows directly")
     if "lora" in resolved.export and not resolved.lora_rank:
         raise ConfigError("--export lora needs --lora-rank > 0")
-    if resolved.robust and resolved.robust_adversary != "ball" and resolved.teacher == "same" \
-            and not resolved.lora_rank:
-        raise ConfigError(f"--robust-adversary {resolved.robust_adversary} aims at what the original model draws for "
-                          "the target, which a dense run keeps only with --teacher frozen; add --teacher frozen (or "
-                          "use --lora-rank)")
     if resolved.anchor_trajectory:
         if resolved.augment:
             raise ConfigError("--anchor-trajectory trains on noisy sampler states, which the resize augmentation "

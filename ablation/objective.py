@@ -133,21 +133,26 @@ class Objective:
         return self.adapter.predict(unet, noisy, t, cond)
 
     @torch.no_grad()
-    def teacher(self, batch: Batch, cond: PromptEmbeddings | None = None) -> torch.Tensor:
-        """sg[eps_theta(z_t, t, c)]: the model itself (`same`) or the pretrained weights (`frozen`); `cond` replaces
-        the anchor conditioning c."""
-        cond = batch.anchor_cond if cond is None else cond
+    def teacher(self, batch: Batch) -> torch.Tensor:
+        """sg[eps_theta(z_t, t, c)]: the model itself (`same`) or the pretrained weights (`frozen`)."""
         # The UNet is not trained in the embedding group, and anchor embeddings are computed once from
         # the original encoder, so there `same` and `frozen` are one and the same teacher.
         if self.cfg.teacher == "same" or self.train_text:
-            return self.predict(self.base_unet, batch.noisy, batch.timesteps, cond)
+            return self.predict(self.base_unet, batch.noisy, batch.timesteps, batch.anchor_cond)
+        return self.original(batch, batch.anchor_cond)
+
+    @torch.no_grad()
+    def original(self, batch: Batch, cond: PromptEmbeddings) -> torch.Tensor:
+        """The pretrained model's prediction under `cond` (LoRA: adapters off; dense: the trained tensors' original
+        values swapped in for this call only; the embedding group: the UNet is not trained)."""
         if self.lora:  # adapters off = the pretrained model, at no memory cost
             self.base_unet.disable_adapters()
             try:
                 return self.predict(self.base_unet, batch.noisy, batch.timesteps, cond)
             finally:
                 self.base_unet.enable_adapters()
-        # Dense: the trained tensors' original values swapped in for this call only.
+        if self.teacher_params is None:  # nothing of the UNet is trained
+            return self.predict(self.base_unet, batch.noisy, batch.timesteps, cond)
         return self.predict(lambda *a, **k: torch.func.functional_call(self.base_unet, self.teacher_params, a, k),
                             batch.noisy, batch.timesteps, cond)
 
@@ -233,7 +238,7 @@ class Objective:
         if self.adversary is None:
             self.adversary = torch.zeros(base.shape[1:], device=base.device)
         bound = cfg.robust_radius * base.norm(dim=-1).mean()
-        original = self.teacher(batch, target)  # what the unablated model draws for the target
+        original = self.original(batch, target)  # what the unablated model draws for the target
         delta = self.adversary
         with torch.enable_grad():
             for _ in range(cfg.robust_steps):
@@ -271,7 +276,7 @@ class Objective:
                                   generator=torch.Generator().manual_seed(cfg.seed))
             self.adversary = weight[start].detach().float().clone()
         step_size = cfg.robust_radius * 0.1 * float(weight.detach().float().std())  # a tenth of the ball per step
-        original = self.teacher(batch, batch.target_cond)
+        original = self.original(batch, batch.target_cond)
         vectors = self.adversary
         device = batch.noisy.device
         with torch.enable_grad():

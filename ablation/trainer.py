@@ -140,7 +140,9 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     unet = adapter.denoiser(pipe)
     teacher_params = None
     dense_unet = not trainable.lora and adapter.component in trainable.parameters
-    if cfg.variant == "model-based" and cfg.teacher == "frozen" and dense_unet:
+    # the original values of the trained tensors: the `frozen` teacher, and what a persistent --robust adversary aims at
+    wants_original = cfg.teacher == "frozen" or (cfg.robust and cfg.robust_adversary != "ball")
+    if cfg.variant == "model-based" and wants_original and dense_unet:
         teacher_params = {n: p.detach().clone() for n, p in trainable.parameters[adapter.component].items()}
     preservation = None
     if cfg.preserve_weight and data.control_rows is not None and adapter.component == "unet":
