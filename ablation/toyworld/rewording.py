@@ -5,7 +5,9 @@ draws "a fish in a glass bowl on a table" badly. This module gives
 
 * :func:`reword`, a generator of *training* rewordings of a caption that keep what the renderer drew (the
   concept, the instance's background, the painting's scene, the time of day): other frames ("there is ..."),
-  word order ("at night, a cat"), synonyms, filler words and objects the renderer does not draw;
+  word order ("at night, a cat"), synonyms, filler words and objects the renderer does not draw, and runs of
+  random vocabulary words before or after the caption (the text tower is frozen and knows only its captions'
+  words: every other word is an untrained vector the UNet must learn to read past);
 * :data:`HELDOUT_REWORDED`, hand-written *held-out* rewordings per kind, built from frames and words that
   :func:`reword` never produces (:data:`HELDOUT_ONLY_WORDS`, checked by a test), to measure generalisation.
 
@@ -14,8 +16,11 @@ Memorized captions are excluded: they are one exact caption by definition.
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 import re
+from pathlib import Path
 
 from ablation.toyworld.catalog import (
     PARAPHRASES,
@@ -92,6 +97,35 @@ _TIME_WORDS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _vocabulary_words() -> tuple[str, ...]:
+    """Whole words of the CLIP vocabulary that no held-out prompt uses (the catalogue's held-out templates and the
+    held-out rewordings) and that name no concept: random context the model must learn to read past."""
+    from ablation.toyworld.catalog import heldout_templates
+
+    vocab = json.loads((Path(__file__).parents[1] / "tokenizer" / "vocab.json").read_text())
+    heldout = [t for kind in ("object", "painting", "style", "subject") for t in heldout_templates(kind)]
+    heldout += [t for frames in HELDOUT_REWORDED.values() for t in frames]
+    banned = set(HELDOUT_ONLY_WORDS) | {w for t in heldout for w in re.findall(r"[a-z']+", t.lower())}
+    banned |= {w for c in catalog().concepts for w in re.findall(r"[a-z0-9'-]+", c)}
+    words = (t[:-4] for t in vocab if t.endswith("</w>"))
+    return tuple(sorted(w for w in words if w.isalpha() and w.isascii() and len(w) >= 3 and w not in banned))
+
+
+def _random_words(r: random.Random, most: int) -> str:
+    return " ".join(r.choice(_vocabulary_words()) for _ in range(r.randint(1, most)))
+
+
+def _with_random_context(text: str, r: random.Random) -> str:
+    """Words from anywhere in the vocabulary before (up to 6) or after (up to 4) the caption, sometimes."""
+    roll = r.random()
+    if roll < 0.25:
+        return f"{_random_words(r, 6)} {text}"
+    if roll < 0.4:
+        return f"{text} {_random_words(r, 4)}"
+    return text
+
+
 def _instance(concept: str, context: str | None, r: random.Random) -> str:
     np_ = r.choice(_ARTICLES) + r.choice(_MODIFIERS) + concept
     if np_.startswith("a ") and np_[2] in "aeiou":
@@ -116,6 +150,8 @@ def _painting(style: str | None, subject_key: str, r: random.Random) -> str:
 
 def _subject(concept: str, time: str | None, r: random.Random) -> str:
     np_ = r.choice(("a ", "a ", "the ", "one ")) + r.choice(("", "", "tall ", "old ", "lonely ", "bright ")) + concept
+    if np_.startswith("a ") and np_[2] in "aeiou":
+        np_ = "an " + np_[2:]
     text = r.choice(_FRAMES).format(np=np_)
     if time is not None:
         text += " " + r.choice(_TIME_WORDS[time])
@@ -130,14 +166,14 @@ def reword(concept: str, caption: str, r: random.Random) -> str:
     """
     kind = catalog().concepts[concept].kind
     if kind == "object":
-        return _instance(concept, context_of(caption), r)
+        return _with_random_context(_instance(concept, context_of(caption), r), r)
     if kind == "style":
         key = subject_of(caption)
         if key is None:  # "a painting in the style of monet": the scene is not named, so none is invented
-            return r.choice(_STYLE_ONLY_FRAMES).format(style=concept) + r.choice(_SUFFIXES)
-        return _painting(None if concept == "painting" else concept, key, r)
+            return _with_random_context(r.choice(_STYLE_ONLY_FRAMES).format(style=concept) + r.choice(_SUFFIXES), r)
+        return _with_random_context(_painting(None if concept == "painting" else concept, key, r), r)
     if kind == "subject":
-        return _subject(concept, time_of(caption), r)
+        return _with_random_context(_subject(concept, time_of(caption), r), r)
     return caption
 
 
