@@ -13,6 +13,10 @@ from ablation.testing import toy_family_accuracy
 from ablation.toyworld import WEIGHTS_DIR, clip_dir, pipeline_dir, upscaler_dir
 
 
+#: the least a concept's 8 held-out rewordings may score (one image each); docs/toyworld.md has the full measurement
+REWORDED_MIN = 0.75
+
+
 @pytest.fixture(scope="module")
 def pipe():
     p = StableDiffusionPipeline.from_pretrained(pipeline_dir(), torch_dtype=torch.float32)
@@ -40,6 +44,20 @@ def test_weights_fit_the_budget():
 def test_draws_target_and_anchor_distinctly(pipe, judge, family):
     accuracy = toy_family_accuracy(pipe, judge, family)  # target and anchor, 4 held-out prompts each
     assert all(v >= 0.75 for v in accuracy.values()), (family, accuracy)
+
+
+@pytest.mark.parametrize("concept", ["nemo", "fish", "snoopy", "painting", "cat"])
+def test_draws_prompts_worded_unlike_its_training_captions(pipe, concept):
+    """The held-out rewordings (`ablation.toyworld.rewording`: frames and words no training caption has) still draw
+    the concept, judged by the classifier. Before the UNet's continuation on reworded captions the issue measured
+    nemo 0.53, fish 0.66, snoopy 0.72, painting 0.78 (fish in a glass bowl came out as robots)."""
+    from ablation.toyworld.classifier import load_classifier
+    from ablation.toyworld.rewording import heldout_reworded_prompts
+
+    prompts = list(heldout_reworded_prompts(concept))
+    generators = [torch.Generator().manual_seed(10**9 + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=6.0, generator=generators).images
+    assert load_classifier().accuracy(images, concept) >= REWORDED_MIN, concept
 
 
 def test_upscaler_loads_and_upscales_x4():
