@@ -12,7 +12,6 @@ from ablation.models import resolve_model
 from ablation.testing import toy_family_accuracy
 from ablation.toyworld import WEIGHTS_DIR, clip_dir, pipeline_dir, upscaler_dir
 
-
 #: the least the issue's five weakest concepts may score together on their held-out rewordings (measured 0.825 after
 #: the continuation; about 0.70 before it, by the issue's figures)
 REWORDED_MEAN_MIN = 0.8
