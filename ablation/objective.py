@@ -217,7 +217,6 @@ class Objective:
         student = self.predict(self.unet, batch.noisy, batch.timesteps, PromptEmbeddings(adv.embeds, target.pooled))
         return losses.model_based_loss(student, teacher, batch.mask)
 
-
     def _persistent_robust_loss(self, batch: Batch, teacher: torch.Tensor) -> torch.Tensor:
         """Ablation loss on the target conditioning plus a perturbation kept across steps (`--robust-adversary
         persistent`).
