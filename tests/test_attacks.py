@@ -331,17 +331,21 @@ def test_inversion_recovers_grumpy_cat_on_the_plain_ablation(toy_run, tmp_path):
 
 @pytest.mark.slow
 def test_robust_ablation_doubles_the_steps_relearn_needs(tmp_path):
-    """Measured (docs/robustness.md): grumpy cat, cross-attention K/V, 60 steps; relearn (judged every 12 steps)
-    brings the target back after 12 steps on the plain ablation and after 24 on the `--robust` one."""
-    steps = {}
-    for name, extra in (("plain", []), ("robust", ["--robust"])):
+    """Measured (docs/robustness.md): grumpy cat, cross-attention K/V; relearn (judged every 12 steps) brings the
+    target back after 12 steps on a plain ablation of about the same training time (240 steps) and after 60 on the
+    `--robust` one (120 steps)."""
+    steps, plain_asr = {}, {}
+    for name, extra in (("plain", ["--max-steps", "240"]), ("robust", ["--max-steps", "120", "--robust"])):
         run = tmp_path / name
-        assert main(["train", "--target", "Grumpy Cat", "--anchor", "Cat", "--params", "cross-attn", "--max-steps",
-                     "60", "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+        assert main(["train", "--target", "Grumpy Cat", "--anchor", "Cat", "--params", "cross-attn",
+                     "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
         report = run_attacks(AttackSettings(ablated=str(run), attacks=("relearn",), out=str(tmp_path / f"a_{name}"),
                                             budgets={"relearn": 60}, num_prompts=4, num_samples=4, steps=20,
                                             device="cpu"))
-        steps[name] = report["attacks"][0]["details"]["steps_to_recover"] or 10**6
+        recovered = report["attacks"][0]["details"]["steps_to_recover"]
+        steps[name] = 10**6 if recovered is None else recovered  # None: not back within the budget
+        plain_asr[name] = report["plain"]["ablated"]
+    assert max(plain_asr.values()) <= 0.25, plain_asr  # both runs ablate, so relearn has something to undo
     assert steps["robust"] >= 2 * steps["plain"], steps
 
 
