@@ -18,12 +18,14 @@ surrounding accuracy base -> ablated and the fraction of other concepts' images 
     python scripts/benchmark_train.py --compare                      # paper-matched vs defaults, both tasks
     python scripts/benchmark_train.py --compare defaults --tasks grumpy-cat
 
-Models: `toy` (the embedded toy-world model, skipped with a note when its weights are missing) and `sd15`
-(the real SD 1.5 UNet / VAE / text-encoder configs with random weights, built once into --workdir; no download).
+Models: `toy` (the embedded toy-world model, skipped with a note when its weights are missing), `sd15`
+(the real SD 1.5 UNet / VAE / text-encoder configs with random weights, built once into --workdir; no download)
+and, with `--only sdxl` (for a GPU), the same for SDXL base 1.0's configs.
 Each model runs in its own subprocess so that peak memory and accelerate's global state are per model.
 
     python scripts/benchmark_train.py --only sd15 --device cpu --steps 2 --resolution 256
     python scripts/benchmark_train.py --device cuda --steps 20 --resolution 512 --batch-size 4
+    python scripts/benchmark_train.py --only sdxl --device cuda --steps 20 --mixed-precision bf16
 """
 
 from __future__ import annotations
@@ -60,6 +62,22 @@ SD15_TEXT = dict(  # openai/clip-vit-large-patch14, text tower
 )
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+# stabilityai/stable-diffusion-xl-base-1.0's published configs (UNet 2.6 B, CLIP-L + OpenCLIP-bigG text towers)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
+    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32, act_fn="silu",
+)
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT = {**SD15_TEXT}  # CLIP-L, as SD 1.5's
+SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14, text tower with projection
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=0,
+)
 # The benchmark concept: an instance without prior preservation (the paper's R2D2 -> robot setting).
 TARGET, ANCHOR = "R2D2", "robot"
 
@@ -96,6 +114,30 @@ def build_sd15(path: Path) -> None:
     tmp.rename(path)
 
 
+def build_sdxl(path: Path, unet: dict | None = None, vae: dict | None = None, text: dict | None = None,
+               text_2: dict | None = None) -> None:
+    """Save a randomly initialised SDXL-shaped pipeline (fp16 files); the configs default to SDXL base 1.0's.
+
+    On CPU building it takes about 14 GB of memory (fp32 before the cast); it is meant for the GPU benchmark."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ablation.tokenizer_util import clip_tokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(**(unet or SDXL_UNET)), vae=AutoencoderKL(**(vae or SDXL_VAE)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**(text or SDXL_TEXT))),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**(text_2 or SDXL_TEXT_2))),
+        tokenizer=clip_tokenizer(77), tokenizer_2=clip_tokenizer(77),
+        scheduler=EulerDiscreteScheduler(**{k: v for k, v in SD15_SCHEDULER.items()
+                                            if k not in ("skip_prk_steps", "set_alpha_to_one")}))
+    tmp = path.with_name(path.name + ".tmp")
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(path)
+
+
 def _peaks(device: str) -> dict:
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
     if device == "cuda":
@@ -126,11 +168,11 @@ def bench_model(name: str, args) -> dict:
                                f"scripts/train_toyworld.py"}
         model = "toy"
     else:
-        model = str(work / "sd15-random")
+        model = str(work / f"{name}-random")
         if not Path(model, "model_index.json").exists():
             t = time.perf_counter()
             # A child process: building in fp32 would otherwise dominate this process's peak RSS.
-            subprocess.run([sys.executable, __file__, "--build-sd15", model], check=True)
+            subprocess.run([sys.executable, __file__, f"--build-{name}", model], check=True)
             print(f"built {model} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
 
     def config(steps: int, cache: str, out: str):
@@ -340,11 +382,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sequential", action="store_true", help="grumpy cat, then snoopy on the result")
     parser.add_argument("--train-args", default="", help="--many: extra `ablate train` options (one string)")
     parser.add_argument("--per-concept", type=int, default=8, help="--compare/--many: judged images per concept")
-    parser.add_argument("--only", choices=("toy", "sd15"), help="benchmark one model (default: both)")
+    parser.add_argument("--only", choices=("toy", "sd15", "sdxl"),
+                        help="benchmark one model (default: toy and sd15; sdxl is for a GPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--steps", type=int, default=2, help="training steps of the timed runs (also 2x this)")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="training/anchor resolution in px (default: toy native, sd15 256)")
+                        help="training/anchor resolution in px (default: toy native, sd15 256, sdxl native 1024)")
     parser.add_argument("--batch-size", type=int, default=1, help="training batch size")
     parser.add_argument("--anchor-images", type=int, default=2, help="anchor images to generate")
     parser.add_argument("--anchor-steps", type=int, default=5, help="sampler steps per anchor image")
@@ -353,6 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None,
                         help="keeps the random SD 1.5 model and caches between invocations (default: a temp dir)")
     parser.add_argument("--build-sd15", metavar="DIR", help=argparse.SUPPRESS)  # internal: child process
+    parser.add_argument("--build-sdxl", metavar="DIR", help=argparse.SUPPRESS)  # internal: child process
     parser.add_argument("--json-out", metavar="FILE", help=argparse.SUPPRESS)  # internal: child's result
     return parser.parse_args(argv)
 
@@ -361,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.build_sd15:
         build_sd15(Path(args.build_sd15))
+        return 0
+    if args.build_sdxl:
+        build_sdxl(Path(args.build_sdxl))
         return 0
     if args.device is None:
         import torch
