@@ -19,8 +19,6 @@ noise) has the shape [B, C, H, W] of the VAE latent space for all families.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -181,31 +179,6 @@ class UNetArchitecture(Architecture):
         out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
                    width=resolution, generator=generators, output_type="latent", **kwargs)
         return out.images.float().cpu()
-
-
-@contextlib.contextmanager
-def recording_states(scheduler, trajectory: list | None) -> Iterator[None]:
-    """Append `(latents, t)` to `trajectory` at every sampler step: the state the step starts from and its timestep.
-
-    Wraps `scheduler.step` (every pipeline calls it with the current latents), so the first state is the
-    initial noise at the first timestep and the last is the state before the final step; the final latents are
-    the pipeline's output. Timesteps are the scheduler's own values (DDPM steps for UNets, sigma x 1000 for flow
-    models), what the denoiser is called with. Does nothing without a list.
-    """
-    if trajectory is None:
-        yield
-        return
-    step = scheduler.step
-
-    def recorded(model_output, timestep, sample, *args, **kwargs):
-        trajectory.append((sample.detach().float().cpu().clone(), float(timestep)))
-        return step(model_output, timestep, sample, *args, **kwargs)
-
-    scheduler.step = recorded
-    try:
-        yield
-    finally:
-        del scheduler.step  # the instance attribute hid the class's method
 
 
 # --------------------------------------------------------------------------------------------------

@@ -123,8 +123,9 @@ class TrainConfig:
         "--robust-radius of the target's own tokens; `persistent` keeps one perturbation of every token across "
         "steps and moves it, by --robust-steps steps per use, towards conditioning under which the model draws "
         "what the original model draws for the target, within --robust-radius; `prefix` does the same with five "
-        "free input tokens in front of the target prompt, through the text encoder (as the `prefix` attack; one "
-        "CLIP text encoder: SD 1.x/2.x). docs/robustness.md measures them", default="persistent")
+        "free input tokens in front of the target prompt, through the text encoder (as the `prefix` attack, "
+        "unbounded, --robust-radius scales its steps; one CLIP text encoder: SD 1.x/2.x). docs/robustness.md "
+        "measures them", default="persistent")
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float | None = _help("AdamW learning rate (base rate if --scale-lr)", default=None)

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +207,31 @@ def _architecture(pipe):
     return training_adapter(pipe)
 
 
+@contextlib.contextmanager
+def recording_states(scheduler, trajectory: list | None) -> Iterator[None]:
+    """Append `(latents, t)` to `trajectory` at every sampler step: the state the step starts from and its timestep.
+
+    Wraps `scheduler.step` (every pipeline calls it with the current latents), so the first state is the
+    initial noise at the first timestep and the last is the state before the final step; the final latents are
+    the pipeline's output. Timesteps are the scheduler's own values (DDPM steps for UNets, sigma x 1000 for flow
+    models), what the denoiser is called with. Does nothing without a list.
+    """
+    if trajectory is None:
+        yield
+        return
+    step = scheduler.step
+
+    def recorded(model_output, timestep, sample, *args, **kwargs):
+        trajectory.append((sample.detach().float().cpu().clone(), float(timestep)))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    scheduler.step = recorded
+    try:
+        yield
+    finally:
+        del scheduler.step  # the instance attribute hid the class's method
+
+
 @torch.no_grad()
 def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_size: int,
                      disable_progress: bool = False, seeds: list[int] | None = None) -> dict[str, list]:
@@ -228,8 +253,6 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
     seeds = [settings.seed + k for k in indices] if seeds is None else list(seeds)
     if len(seeds) != len(indices):
         raise ValueError(f"{len(seeds)} seeds for {len(indices)} indices")
-    from ablation.architectures import recording_states
-
     adapter = _architecture(pipe)
     original = pipe.scheduler
     pipe.scheduler = adapter.anchor_sampler(pipe, settings.scheduler)

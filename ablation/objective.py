@@ -64,7 +64,8 @@ class Objective:
         self.lora = getattr(self.base_unet, "_hf_peft_config_loaded", False)
         self.preservation = None  # set by the trainer when --preserve-weight > 0
         self.train_text = cfg.params == "embedding"
-        self.adversary: torch.Tensor | None = None  # --robust-adversary persistent: its perturbation [L, D]
+        self.adversary: torch.Tensor | None = None  # --robust-adversary persistent / prefix: kept across steps
+        self._prefix_step: float | None = None
 
     def batch(self, micro_step: int, batch_size: int | None = None, seed_rank: int | None = None) -> Batch:
         """The micro-batch of a micro-step (a pure function of seed, step and rank)."""
@@ -197,6 +198,10 @@ class Objective:
         from ablation.attacks.robust import adversarial_target_embeddings, target_positions
 
         cfg = self.cfg
+        if cfg.robust_adversary == "persistent":
+            return self._persistent_robust_loss(batch, teacher)
+        if cfg.robust_adversary == "prefix":
+            return self._prefix_robust_loss(batch, teacher)
         target = batch.target_cond
         kwargs = None
         if target.pooled is not None:  # SDXL: the same pooled embeddings and size ids as `predict` passes
@@ -205,10 +210,6 @@ class Objective:
             size = batch.noisy.shape[-1] * self.adapter.vae_scale_factor
             kwargs = {"text_embeds": target.pooled,
                       "time_ids": sdxl_time_ids(size, len(batch.noisy), batch.noisy.device, target.pooled.dtype)}
-        if cfg.robust_adversary == "persistent":
-            return self._persistent_robust_loss(batch, teacher)
-        if cfg.robust_adversary == "prefix":
-            return self._prefix_robust_loss(batch, teacher)
         adv = adversarial_target_embeddings(
             self.base_unet, batch.noisy, batch.timesteps, target.embeds, teacher,
             positions=target_positions(target.embeds, batch.anchor_cond.embeds), steps=cfg.robust_steps,
@@ -229,7 +230,7 @@ class Objective:
         attacker's prefix would (AdvUnlearn keeps its adversarial prompt the same way). The model then learns to
         map c* + delta to the anchor's prediction.
         """
-        from ablation.attacks.robust import _project
+        from ablation.attacks.robust import project_per_token
 
         cfg = self.cfg
         target = batch.target_cond
@@ -248,12 +249,11 @@ class Objective:
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                    delta = _project(delta - (2.5 / cfg.robust_steps) * 0.1 * bound * step, bound)
+                    delta = project_per_token(delta - (2.5 / cfg.robust_steps) * 0.1 * bound * step, bound)
         self.adversary = delta.detach()
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
                                PromptEmbeddings((base + self.adversary).to(target.embeds.dtype), target.pooled))
         return losses.model_based_loss(student, teacher, batch.mask)
-
 
     def _prefix_robust_loss(self, batch: Batch, teacher: torch.Tensor) -> torch.Tensor:
         """Ablation loss on "<k free tokens> <target prompt>" (`--robust-adversary prefix`).
@@ -274,7 +274,10 @@ class Objective:
             start = torch.randint(0, weight.shape[0] - 2, (DEFAULT_TOKENS,),
                                   generator=torch.Generator().manual_seed(cfg.seed))
             self.adversary = weight[start].detach().float().clone()
-        step_size = cfg.robust_radius * 0.1 * float(weight.detach().float().std())  # a tenth of the ball per step
+        if self._prefix_step is None:  # the embeddings are frozen: their spread is measured once
+            # unbounded, as the attack's prefix; --robust-radius scales the step (a tenth of radius x the spread)
+            self._prefix_step = cfg.robust_radius * 0.1 * float(weight.detach().float().std())
+        step_size = self._prefix_step
         original = self.original(batch, batch.target_cond)
         vectors = self.adversary
         device = batch.noisy.device

@@ -262,14 +262,6 @@ def stage_eval(pipe, samples: int, families: list[str], steps: int, guidance: fl
     return result
 
 
-def _link(path: Path, target: str) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-    path.symlink_to(target)
-
-
 def stage_assemble(work: Path, out: Path) -> None:
     """Write the `StableDiffusion3Pipeline` folder; shared parts become relative links to the UNet toy model."""
     pipe = skeleton(load_trained(work))
@@ -282,7 +274,7 @@ def stage_assemble(work: Path, out: Path) -> None:
     # text tower: a two-shard checkpoint whose first shard is the UNet toy model's text encoder file
     te = tmp / "text_encoder"
     (te / "model.safetensors").unlink()
-    _link(te / "model-00001-of-00002.safetensors", "../../pipeline/text_encoder/model.safetensors")
+    tw.link(te / "model-00001-of-00002.safetensors", "../../pipeline/text_encoder/model.safetensors")
     proj = {"text_projection.weight": pipe.text_encoder.text_projection.weight.detach().half().contiguous()}
     save_file(proj, te / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
     shared = load_file(pipeline_dir() / "text_encoder" / "model.safetensors")
@@ -292,10 +284,11 @@ def stage_assemble(work: Path, out: Path) -> None:
                                                                 indent=2, sort_keys=True) + "\n")
     config = json.loads((te / "config.json").read_text())
     (te / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
-    _link(tmp / "text_encoder_2", "text_encoder")
-    _link(tmp / "tokenizer", "../pipeline/tokenizer")  # the same tokenizer folder as the UNet toy model's
-    _link(tmp / "tokenizer_2", "tokenizer")
-    _link(tmp / "vae" / "diffusion_pytorch_model.safetensors", "../../pipeline/vae/diffusion_pytorch_model.safetensors")
+    tw.link(tmp / "text_encoder_2", "text_encoder")
+    tw.link(tmp / "tokenizer", "../pipeline/tokenizer")  # the same tokenizer folder as the UNet toy model's
+    tw.link(tmp / "tokenizer_2", "tokenizer")
+    vae = "diffusion_pytorch_model.safetensors"
+    tw.link(tmp / "vae" / vae, "../../pipeline/vae/" + vae)
     for f in tmp.rglob("*.safetensors"):
         if not f.is_symlink():
             f.chmod(0o644)  # readable after an install by another user

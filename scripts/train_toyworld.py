@@ -432,6 +432,7 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
     # --reword: that fraction of captions is replaced by a rewording drawn each step (other frames, word order,
     # synonyms, fillers; ablation.toyworld.rewording), encoded by the same frozen text tower
     text_model = clip_model.text_model if args.reword > 0 else None
+    from ablation.toyworld.rewording import reword
     del clip_model
     unet = UNet2DConditionModel(**unet_config()).to(device)
     st = Stage(work, "unet", unet, steps, args.time_limit, args.save_every)
@@ -466,8 +467,6 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
             if text_model is not None:
                 rows = [i for i in range(batch) if c[i] != empty and word_rng.random() < args.reword]
                 if rows:
-                    from ablation.toyworld.rewording import reword
-
                     texts = [reword(concepts[idx[i]], captions[idx[i]], word_rng) for i in rows]
                     with torch.no_grad():
                         cond[rows] = text_hidden(text_model, tokenize(texts), device).to(device)
@@ -638,7 +637,7 @@ def stage_assemble_unet(work: Path, out: Path) -> None:
     print(f"[assemble-unet] wrote {dest}")
 
 
-def _link(path: Path, target: str) -> None:
+def link(path: Path, target: str) -> None:
     """Replace `path` by a relative symbolic link to `target` (which must exist)."""
     if not (path.parent / target).exists():
         raise FileNotFoundError(f"{path} would link to a missing {target}")
@@ -663,11 +662,11 @@ def stage_share(out: Path) -> None:
     for folder, depth in ((pipeline / "tokenizer", "../../../../"), (up / "tokenizer", "../../../../"),
                           (clip, "../../../")):
         for name in ("merges.txt", "special_tokens_map.json", "vocab.json"):
-            _link(folder / name, depth + "tokenizer/" + name)
-    _link(up / "tokenizer" / "tokenizer_config.json", "../../pipeline/tokenizer/tokenizer_config.json")
-    _link(clip / "tokenizer_config.json", "../pipeline/tokenizer/tokenizer_config.json")
+            link(folder / name, depth + "tokenizer/" + name)
+    link(up / "tokenizer" / "tokenizer_config.json", "../../pipeline/tokenizer/tokenizer_config.json")
+    link(clip / "tokenizer_config.json", "../pipeline/tokenizer/tokenizer_config.json")
     for name in ("config.json", "model.safetensors"):
-        _link(up / "text_encoder" / name, "../../pipeline/text_encoder/" + name)
+        link(up / "text_encoder" / name, "../../pipeline/text_encoder/" + name)
     te_file, single = pipeline / "text_encoder" / "model.safetensors", clip / "model.safetensors"
     if single.exists():
         text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(te_file).items()}
@@ -680,7 +679,7 @@ def stage_share(out: Path) -> None:
             tmp = path.with_suffix(".tmp")
             save_file(tensors, tmp, metadata={"format": "pt"})
             os.replace(tmp, path)
-        _link(clip / "model-00001-of-00002.safetensors", "../pipeline/text_encoder/model.safetensors")
+        link(clip / "model-00001-of-00002.safetensors", "../pipeline/text_encoder/model.safetensors")
         weight_map = {k: "model-00001-of-00002.safetensors" for k in text} | {
             k: "model-00002-of-00002.safetensors" for k in rest}
         (clip / "model.safetensors.index.json").write_text(

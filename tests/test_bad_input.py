@@ -76,6 +76,11 @@ def test_anchor_trajectory_needs_the_model_based_variant_without_augmentation(mo
                          "--anchor-steps", "1"), "--anchor-steps >= 2", root=tmp_path)
 
 
+def test_prefix_adversary_on_sdxl(model_dirs, tmp_path, capsys):
+    _fails(capsys, _args(model_dirs["sdxl"], tmp_path, "--params", "cross-attn", "--robust", "--robust-adversary",
+                         "prefix"), "use --robust-adversary persistent", root=tmp_path)
+
+
 def test_resolution_not_divisible_by_the_vae_factor(model_dir, tmp_path, capsys):
     _fails(capsys, _args(model_dir, tmp_path, "--resolution", "33"), "not divisible by the VAE factor 2", root=tmp_path)
 

@@ -132,7 +132,7 @@ def test_trajectory_states_are_the_samplers_states_at_their_timesteps():
             eps_u, eps_c = pipe.unet(torch.cat([z, z]), t, torch.cat([uncond, cond])).sample.chunk(2)
             step = sampler.step(eps_u + 3.0 * (eps_c - eps_u), t, z).prev_sample
             assert torch.allclose(step, chain[i + 1][None], atol=1e-5), i
-    from ablation.architectures import recording_states
+    from ablation.data import recording_states
 
     with recording_states(sampler, []):
         assert "step" in vars(sampler)

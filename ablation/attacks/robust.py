@@ -61,7 +61,8 @@ def target_positions(target_embeds: torch.Tensor, anchor_embeds: torch.Tensor, a
     return (target_embeds.float() - anchor_embeds.float()).abs().amax(-1) > atol
 
 
-def _project(delta: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+def project_per_token(delta: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """`delta` [..., D] with each token's vector shortened to at most `bound` (L2)."""
     norm = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return delta * torch.clamp(bound / norm, max=1.0)
 
@@ -123,7 +124,7 @@ def adversarial_target_embeddings(
     if generator is not None:  # uniform direction, radius fraction in [0, 1): a random start in the ball
         noise = torch.randn(base.shape, generator=generator).to(base.device)
         scale = torch.rand(base.shape[:2], generator=generator).to(base.device)[..., None]
-        delta = _project(noise, bound) * scale
+        delta = project_per_token(noise, bound) * scale
     with torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)
@@ -133,7 +134,7 @@ def adversarial_target_embeddings(
             backward += 1
             with torch.no_grad():
                 direction = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                delta = _project(delta + alpha * direction, bound) * mask[..., None]
+                delta = project_per_token(delta + alpha * direction, bound) * mask[..., None]
     with torch.no_grad():
         loss_after = float(objective(delta))
     forward += 1
