@@ -149,14 +149,10 @@ def main() -> None:
     result["torch_threads"] = torch.get_num_threads()
 
     if not args.skip_upscaler:
-        from ablation.evaluation.upscale import load_upscaler, upscaler_psnr
+        from ablation.evaluation.upscale import load_upscaler, toy_heldout_pairs, upscaler_psnr
 
         up = load_upscaler(str(dirs["upscaler"]), device="cpu")
-        up.set_progress_bar_config(disable=True)
-        captions = [cat.families["grumpy_cat"].heldout_prompts[i % 8] for i in range(16)]
-        captions += [cat.families["van_gogh"].heldout_prompts[i % 8] for i in range(16)]
-        highs = [Image.fromarray(render_caption(c, HELDOUT_SEED_OFFSET + i)) for i, c in enumerate(captions)]
-        pairs = [(h.resize((16, 16), Image.BOX), h) for h in highs]
+        captions, pairs = toy_heldout_pairs(32)
         score = upscaler_psnr(up, pairs, captions, steps=25, guidance=1.0)
         result["upscaler"] = {"psnr_upscaler_db": round(score.psnr_upscaler, 2),
                               "psnr_bicubic_db": round(score.psnr_bicubic, 2), "pairs": score.num_pairs}

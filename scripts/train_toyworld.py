@@ -11,7 +11,9 @@ Stages (each resumable: it saves `<work>/<stage>/model.safetensors` + `progress.
     unet      UNet2DConditionModel on 8x8x4 latents, caption dropout for classifier-free guidance
     upscaler  x4 upscaler UNet (16 px -> 64 px) for StableDiffusionUpscalePipeline
     assemble  write fp16 safetensors folders into ablation/toyworld/weights/{pipeline,clip,upscaler}
+    vae4-decoder   fine-tune the x4 VAE's decoder alone (MSE), keeping the upscaler's latent space
     assemble-unet  replace only the pipeline's UNet file (after a UNet continuation)
+    assemble-upscaler  replace only the upscaler's UNet and VAE files (after an upscaler continuation)
     share     store each shared file once (relative links); assemble ends with it
     from-weights   rebuild the stage checkpoints from the shipped folders (to continue a stage)
 
@@ -206,11 +208,14 @@ class Stage:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model, self.total, self.time_limit, self.save_every = model, total_steps, time_limit, save_every
         self.step = 0
+        self.meta: dict = {}  # what a stage recorded about its weights (a VAE's scaling factor), kept on resume
         progress = self.dir / "progress.json"
         if (self.dir / "model.safetensors").exists() and progress.exists():
             state = load_file(self.dir / "model.safetensors")
             model.load_state_dict({k: v.float() for k, v in state.items()})
-            self.step = json.loads(progress.read_text())["step"]
+            info = json.loads(progress.read_text())
+            self.step = info["step"]
+            self.meta = {k: v for k, v in info.items() if k not in ("step", "loss_last50", "seconds_this_run")}
             print(f"[{name}] resumed at step {self.step}")
         self.start = time.time()
         self.losses: list[float] = []
@@ -245,8 +250,9 @@ class Stage:
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, self.dir / "model.tmp.safetensors")
         os.replace(self.dir / "model.tmp.safetensors", self.dir / "model.safetensors")
+        self.meta.update(extra or {})
         info = {"step": self.step, "loss_last50": float(np.mean(self.losses[-50:])) if self.losses else None,
-                "seconds_this_run": round(time.time() - self.start, 1), **(extra or {})}
+                "seconds_this_run": round(time.time() - self.start, 1), **self.meta}
         (self.dir / "progress.json").write_text(json.dumps(info, indent=2))
 
 
@@ -293,6 +299,37 @@ def stage_vae(work: Path, factor: int, images: np.ndarray, steps: int, batch: in
         psnr = 10 * torch.log10(4.0 / F.mse_loss(rec, x)).item()
     st.save({"scaling_factor": float(1.0 / z.std()), "psnr_db": round(psnr, 2)})
     print(f"[vae{factor}] step {st.step} psnr {psnr:.2f} dB scaling {1.0 / z.std().item():.4f}")
+
+
+def stage_vae4_decoder(work: Path, images: np.ndarray, steps: int, batch: int, device, args) -> None:
+    """Fine-tune the x4 VAE's decoder alone on MSE (the upscaler's PSNR ceiling), from the upscaler stage's cached
+    latents: the encoder, hence the latent space the upscaler UNet was trained in, stays as it is."""
+    vae = load_vae(work, 4, device).train()
+    mean, std = cached_latents(vae, images, device, work / "upscaler" / f"latents_{len(images)}.pt")
+    scale = vae.config.scaling_factor
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    st = Stage(work, "vae4", vae, steps, args.time_limit, args.save_every)
+    opt = torch.optim.AdamW(params, lr=args.lr_decoder, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(6000 + st.step)
+    with tqdm(total=steps, initial=st.step, desc="vae4-decoder") as bar:
+        while not st.done():
+            cosine_lr(opt, args.lr_decoder, st)
+            idx = torch.randint(0, len(images), (batch,), generator=gen)
+            z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device)
+            x = to_tensor(images[idx.numpy()], device)
+            with autocast(device):
+                rec = vae.decode(z).sample
+            st.update(opt, F.mse_loss(rec.float(), x), bar)
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor(images[:512], device)
+        rec = vae.decode(mean[:512].to(device)).sample.clamp(-1, 1)
+        psnr = 10 * torch.log10(4.0 / F.mse_loss(rec, x)).item()
+    st.save({"scaling_factor": scale, "psnr_db": round(psnr, 2)})
+    print(f"[vae4-decoder] step {st.step} psnr {psnr:.2f} dB")
 
 
 def load_vae(work: Path, factor: int, device):
@@ -358,6 +395,18 @@ def load_clip(work: Path, device):
 
 
 @torch.no_grad()
+def cached_latents(vae, images: np.ndarray, device, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_latents`, saved at `path` once: a resumed stage skips the encoding (minutes on CPU)."""
+    if path.exists():
+        mean, std = torch.load(path, weights_only=True).values()
+        return mean, std
+    mean, std = encode_latents(vae, images, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"mean": mean, "std": std}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return mean, std
+
+
 def encode_latents(vae, images: np.ndarray, device, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encode"):
@@ -414,14 +463,7 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
 
     vae = load_vae(work, 8, device)
     clip_model = load_clip(work, device)
-    cached = work / "unet" / f"latents_{len(images)}.pt"  # a resumed stage skips the encoding (minutes on CPU)
-    if cached.exists():
-        mean, std = torch.load(cached, weights_only=True).values()
-    else:
-        mean, std = encode_latents(vae, images, device)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"mean": mean, "std": std}, cached.with_suffix(".tmp"))
-        os.replace(cached.with_suffix(".tmp"), cached)
+    mean, std = cached_latents(vae, images, device, work / "unet" / f"latents_{len(images)}.pt")
     scale = vae.config.scaling_factor
     # Unique captions -> hidden states once; "" is the unconditional prompt for guidance.
     unique = sorted(set(captions) | {""})
@@ -441,12 +483,7 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
     acp = sched.alphas_cumprod.to(device)
     gen = torch.Generator().manual_seed(3000 + st.step)
     word_rng = random.Random(5000 + st.step)
-    # EMA of the weights (what gets shipped); resumes from the saved EMA when there is one.
-    ema_path = work / "unet" / "ema.safetensors"
-    ema_model = UNet2DConditionModel(**unet_config())
-    ema_model.load_state_dict(load_file(ema_path) if ema_path.exists() else unet.state_dict())
-    ema_model.to(device)
-    ema_params = [p.detach() for p in ema_model.parameters()]
+    ema = Ema(unet, UNet2DConditionModel(**unet_config()), work / "unet" / "ema.safetensors")
     # --oversample: a continuation that drills concepts the generator still confuses (docs/toyworld.md)
     weights = sampling_weights(concepts, args.oversample)
     with tqdm(total=steps, initial=st.step, desc="unet") as bar:
@@ -474,25 +511,41 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
                 pred = unet(zt, t, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred.float(), noise)
             st.update(opt, loss, bar)
-            with torch.no_grad():
-                d = min(0.999, st.step / (9 + st.step))  # EMA warm-up
-                torch._foreach_lerp_(ema_params, [p.detach() for p in unet.parameters()], 1 - d)
-            if st.step % st.save_every == 0:
-                save_ema(ema_model, ema_path)
+            ema.update(st.step, save=st.step % st.save_every == 0)
     st.save()
-    save_ema(ema_model, ema_path)
+    ema.save()
 
 
-def save_ema(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.safetensors")
-    save_file({k: v.float().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+class Ema:
+    """Exponential moving average of a model's weights (what gets shipped), kept in `shadow` and saved to `path`;
+    resumes from `path` when it exists, else starts from the model's weights (a continuation: the trained model)."""
+
+    def __init__(self, model: torch.nn.Module, shadow: torch.nn.Module, path: Path, decay: float = 0.999):
+        self.model, self.shadow, self.path, self.decay = model, shadow, path, decay
+        shadow.load_state_dict(load_file(path) if path.exists() else model.state_dict())
+        shadow.to(next(model.parameters()).device)
+        self.params = [p.detach() for p in shadow.parameters()]
+
+    @torch.no_grad()
+    def update(self, step: int, save: bool = False) -> None:
+        d = min(self.decay, step / (9 + step))  # warm-up: early weights do not linger
+        torch._foreach_lerp_(self.params, [p.detach() for p in self.model.parameters()], 1 - d)
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp.safetensors")
+        save_file({k: v.float().cpu().contiguous() for k, v in self.shadow.state_dict().items()}, tmp)
+        os.replace(tmp, self.path)
 
 
 def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     vae = load_vae(work, 4, device)
+    mean, std = cached_latents(vae, images, device, work / "upscaler" / f"latents_{len(images)}.pt")
+    scale = vae.config.scaling_factor
+    del vae
     clip_model = load_clip(work, device)
     unique = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(unique)}
@@ -502,19 +555,17 @@ def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args)
     unet = UNet2DConditionModel(**upscaler_unet_config()).to(device)
     st = Stage(work, "upscaler", unet, steps, args.time_limit, args.save_every)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    ema = Ema(unet, UNet2DConditionModel(**upscaler_unet_config()), work / "upscaler" / "ema.safetensors")
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
                           prediction_type="v_prediction")
     low_res_sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
     gen = torch.Generator().manual_seed(4000 + st.step)
-    scale = vae.config.scaling_factor
     with tqdm(total=steps, initial=st.step, desc="upscaler") as bar:
         while not st.done():
             cosine_lr(opt, lr, st)
             idx = torch.randint(0, len(images), (batch,), generator=gen)
-            x = to_tensor(images[idx.numpy()], device)
-            with torch.no_grad():
-                z0 = vae.encode(x).latent_dist.sample() * scale
-            low = F.interpolate(x, scale_factor=0.25, mode="area")
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device) * scale
+            low = F.interpolate(to_tensor(images[idx.numpy()], device), scale_factor=0.25, mode="area")
             noise_level = torch.randint(0, 350, (batch,), generator=gen).to(device)
             low = low_res_sched.add_noise(low, torch.randn(low.shape, generator=gen).to(device), noise_level)
             c = cap_idx[idx].clone()
@@ -527,7 +578,9 @@ def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args)
                             class_labels=noise_level).sample
             loss = F.mse_loss(pred.float(), sched.get_velocity(z0, noise, t))
             st.update(opt, loss, bar)
+            ema.update(st.step, save=st.step % st.save_every == 0)
     st.save()
+    ema.save()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -583,6 +636,12 @@ def _atomic_dir(dest: Path, write) -> None:
     os.replace(tmp, dest)
 
 
+def best_weights(stage_dir: Path, use_ema: bool = True) -> Path:
+    """A stage's EMA weights when it keeps them (unet, upscaler), else its trained weights."""
+    ema = stage_dir / "ema.safetensors"
+    return ema if use_ema and ema.exists() else stage_dir / "model.safetensors"
+
+
 def stage_assemble(work: Path, out: Path, use_ema: bool = True) -> None:
     from diffusers import (
         DDIMScheduler,
@@ -604,16 +663,14 @@ def stage_assemble(work: Path, out: Path, use_ema: bool = True) -> None:
     sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1)
     unet = UNet2DConditionModel(**unet_config())
-    weights = work / "unet" / ("ema.safetensors" if use_ema and (work / "unet" / "ema.safetensors").exists()
-                               else "model.safetensors")
-    unet.load_state_dict(load_file(weights))
+    unet.load_state_dict(load_file(best_weights(work / "unet", use_ema)))
     pipe = StableDiffusionPipeline(vae=load_vae(work, 8, "cpu"), text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                    scheduler=DDIMScheduler(**sched_kw), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     _atomic_dir(out / "pipeline", lambda d: pipe.to(torch.float16).save_pretrained(d))
     if (work / "upscaler" / "model.safetensors").exists():
         up_unet = UNet2DConditionModel(**upscaler_unet_config())
-        up_unet.load_state_dict(load_file(work / "upscaler" / "model.safetensors"))
+        up_unet.load_state_dict(load_file(best_weights(work / "upscaler", use_ema)))
         up = StableDiffusionUpscalePipeline(
             vae=fold_scaling_factor(load_vae(work, 4, "cpu"), UPSCALER_SCALING_FACTOR),
             text_encoder=CLIPTextModel(clip_model.config.text_config), tokenizer=tok,
@@ -626,15 +683,33 @@ def stage_assemble(work: Path, out: Path, use_ema: bool = True) -> None:
     print(f"[assemble] wrote {out}")
 
 
-def stage_assemble_unet(work: Path, out: Path) -> None:
-    """Replace only the shipped pipeline's UNet by the stage's EMA weights (a continuation of the UNet alone:
-    the text encoder, VAE, judge and upscaler files, and the links other folders keep to them, stay as they are)."""
-    dest = out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
-    state = {k: v.half().contiguous() for k, v in load_file(work / "unet" / "ema.safetensors").items()}
+def replace_weights(src: Path, dest: Path) -> None:
+    """Write the fp16 copy of the safetensors file `src` over the shipped weights file `dest` (same architecture:
+    the folder's config and every link other folders keep to it stay as they are)."""
+    state = {k: v.half().contiguous() for k, v in load_file(src).items()}
     tmp = dest.with_suffix(".tmp.safetensors")
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, dest)
-    print(f"[assemble-unet] wrote {dest}")
+    print(f"[assemble] wrote {dest}")
+
+
+def stage_assemble_unet(work: Path, out: Path) -> None:
+    """Replace only the shipped pipeline's UNet by the stage's EMA weights (a continuation of the UNet alone:
+    the text encoder, VAE, judge and upscaler files, and the links other folders keep to them, stay as they are)."""
+    replace_weights(best_weights(work / "unet"), out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def stage_assemble_upscaler(work: Path, out: Path) -> None:
+    """Replace only the shipped upscaler's UNet (EMA) and x4 VAE (a continuation of the `upscaler` and
+    `vae4-decoder` stages); the VAE keeps the pipeline's scaling factor, which the work directory's VAE has when it
+    was rebuilt with `from-weights`."""
+    scaling = json.loads((work / "vae4" / "progress.json").read_text())["scaling_factor"]
+    if abs(scaling - UPSCALER_SCALING_FACTOR) > 1e-6:
+        raise SystemExit(f"work vae4 has scaling factor {scaling}, not the pipeline's {UPSCALER_SCALING_FACTOR}: "
+                         "use `assemble` (it folds the factor into the weights)")
+    weights = "diffusion_pytorch_model.safetensors"
+    replace_weights(best_weights(work / "upscaler"), out / "upscaler" / "unet" / weights)
+    replace_weights(work / "vae4" / "model.safetensors", out / "upscaler" / "vae" / weights)
 
 
 def link(path: Path, target: str) -> None:
@@ -704,7 +779,7 @@ def stage_pack(work: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     progress = {}
     for name in ("vae8", "vae4", "clip", "unet", "upscaler"):
-        src = work / name / ("ema.safetensors" if name == "unet" else "model.safetensors")
+        src = best_weights(work / name)
         if src.exists():
             save_file({k: v.half().contiguous() for k, v in load_file(src).items()}, dest / f"{name}.safetensors")
             progress[name] = json.loads((work / name / "progress.json").read_text())
@@ -751,8 +826,10 @@ def stage_unpack(src: Path, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stages", nargs="+", choices=["all", "data", "vae8", "vae4", "clip", "unet", "upscaler",
-                                                      "assemble", "assemble-unet", "share", "pack",
+    parser.add_argument("stages", nargs="+", choices=["all", "data", "vae8", "vae4", "vae4-decoder", "clip", "unet",
+                                                      "upscaler",
+                                                      "assemble", "assemble-unet", "assemble-upscaler", "share",
+                                                      "pack",
                                                       "unpack", "from-weights"])
     parser.add_argument("--pack-dir", type=Path, default=None, help="for pack/unpack: the fp16 transfer folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -767,6 +844,7 @@ def main() -> None:
     for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images"):
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
     parser.add_argument("--lr-unet", type=float, default=None, help="override the preset (e.g. lower to continue)")
+    parser.add_argument("--lr-decoder", type=float, default=2e-4, help="vae4-decoder stage: learning rate")
     parser.add_argument("--reword", type=float, default=0.0,
                         help="unet stage: fraction of captions replaced by a fresh rewording each step (e.g. 0.5)")
     parser.add_argument("--oversample", default="",
@@ -804,11 +882,15 @@ def main() -> None:
             stage_share(args.out)
         elif stage == "assemble-unet":
             stage_assemble_unet(args.work, args.out)
+        elif stage == "assemble-upscaler":
+            stage_assemble_upscaler(args.work, args.out)
         else:
             images, captions, concepts = load_data(args.work, preset.num_images)
             if stage in ("vae8", "vae4"):
                 steps = preset.vae8_steps if stage == "vae8" else preset.vae4_steps
                 stage_vae(args.work, int(stage[-1]), images, steps, preset.batch_vae, device, args)
+            elif stage == "vae4-decoder":
+                stage_vae4_decoder(args.work, images, preset.vae4_steps, preset.batch_vae, device, args)
             elif stage == "clip":
                 stage_clip(args.work, images, tokenize(captions), concepts, preset.clip_steps, preset.batch_clip,
                            device, args)

@@ -91,3 +91,39 @@ def test_toy_mmdit_trains_one_zero_token_for_the_pipelines_256(tmp_path):
 
         module.ZERO_TOKEN.on = False
         ap.F = torch.nn.functional  # the script swaps diffusers' functional module for training only
+
+
+def test_upscaler_continuation_replaces_only_the_upscalers_files(tmp_path):
+    """`upscaler` (EMA) and `vae4-decoder` continue the shipped upscaler; `assemble-upscaler` writes its UNet and
+    VAE files only; the decoder moved, the encoder (the UNet's latent space) and the scaling factor did not."""
+    import shutil
+
+    from diffusers import StableDiffusionUpscalePipeline
+    from PIL import Image
+
+    weights, work = tmp_path / "ablation/toyworld/weights", tmp_path / "work"
+    shutil.copytree(ROOT / "ablation/toyworld/weights", weights, symlinks=True)  # its relative links included
+    shutil.copytree(ROOT / "ablation/tokenizer", tmp_path / "ablation/tokenizer")
+    cmd = [sys.executable, str(SCRIPT), "from-weights", "data", "upscaler", "vae4-decoder", "assemble-upscaler",
+           "--preset", "smoke", "--workers", "1", "--work", str(work), "--out", str(weights)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name = "diffusion_pytorch_model.safetensors"
+    shipped_vae = load_file(ROOT / "ablation/toyworld/weights/upscaler/vae" / name)
+    vae = load_file(weights / "upscaler/vae" / name)
+    assert all(torch.equal(vae[k], shipped_vae[k]) for k in vae if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(vae[k], shipped_vae[k]) for k in vae if k.startswith("decoder."))
+    unet = load_file(weights / "upscaler/unet" / name)
+    shipped_unet = load_file(ROOT / "ablation/toyworld/weights/upscaler/unet" / name)
+    assert any(not torch.equal(unet[k], shipped_unet[k]) for k in unet)
+    assert json.loads((work / "vae4" / "progress.json").read_text())["scaling_factor"] == pytest.approx(0.08333)
+    for other in ("pipeline/unet", "pipeline/vae"):  # untouched
+        assert torch.equal(load_file(weights / other / name)["conv_in.weight" if "unet" in other else
+                                     "decoder.conv_in.weight"],
+                           load_file(ROOT / "ablation/toyworld/weights" / other / name)[
+                               "conv_in.weight" if "unet" in other else "decoder.conv_in.weight"])
+    up = StableDiffusionUpscalePipeline.from_pretrained(weights / "upscaler")
+    up.set_progress_bar_config(disable=True)
+    image = up("a cat", image=Image.new("RGB", (16, 16), (200, 120, 40)), num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)

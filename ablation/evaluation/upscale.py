@@ -68,6 +68,23 @@ def upscale(pipe, images: Sequence[Image.Image], prompts: Sequence[str] | str, *
     return out
 
 
+def toy_heldout_pairs(num: int = 32) -> tuple[list[str], list[tuple[Image.Image, Image.Image]]]:
+    """The toy upscaler's benchmark: the first `num` held-out renders of the toy world (64 px, captions from the
+    held-out templates, seeds no training image uses), each paired with its 16 px box-filtered reduction.
+
+    Returns:
+        (captions, pairs): the captions the renders were drawn from, and (low-resolution, ground truth) pairs.
+    """
+    from ablation.toyworld.render import sample_training_example
+
+    examples = [sample_training_example(i, "heldout") for i in range(num)]
+    pairs = []
+    for image, _, _ in examples:
+        high = Image.fromarray(image)
+        pairs.append((high.resize((high.width // SCALE, high.height // SCALE), Image.BOX), high))
+    return [caption for _, caption, _ in examples], pairs
+
+
 def bicubic(image: Image.Image, scale: int = SCALE) -> Image.Image:
     """The baseline: bicubic interpolation to `scale` times the size."""
     return image.convert("RGB").resize((image.width * scale, image.height * scale), Image.BICUBIC)
