@@ -301,9 +301,18 @@ def stage_vae(work: Path, factor: int, images: np.ndarray, steps: int, batch: in
     print(f"[vae{factor}] step {st.step} psnr {psnr:.2f} dB scaling {1.0 / z.std().item():.4f}")
 
 
-def stage_vae4_decoder(work: Path, images: np.ndarray, steps: int, batch: int, device, args) -> None:
-    """Fine-tune the x4 VAE's decoder alone on MSE (the upscaler's PSNR ceiling), from the upscaler stage's cached
-    latents: the encoder, hence the latent space the upscaler UNet was trained in, stays as it is."""
+def stage_vae4_decoder(work: Path, images: np.ndarray, captions: list[str], steps: int, batch: int, device,
+                       args) -> None:
+    """Fine-tune the x4 VAE's decoder alone on MSE, from the upscaler stage's cached latents: the encoder, hence
+    the latent space the upscaler UNet was trained in, stays as it is.
+
+    With `--decoder-estimates P`, that fraction of each batch decodes the upscaler UNet's own estimate of the latent
+    (its x0-prediction from the noised latent at a random step, half of them from pure noise: a one-step upscale)
+    instead of the true latent, so the pipeline's output, not only the latent, is regressed onto the render: a
+    decoder trained on true latents alone turns the blurry mean-like latents of a short sampler into artefacts.
+    """
+    from diffusers import UNet2DConditionModel
+
     vae = load_vae(work, 4, device).train()
     mean, std = cached_latents(vae, images, device, work / "upscaler" / f"latents_{len(images)}.pt")
     scale = vae.config.scaling_factor
@@ -311,6 +320,13 @@ def stage_vae4_decoder(work: Path, images: np.ndarray, steps: int, batch: int, d
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
         p.requires_grad_(True)
+    if args.decoder_estimates > 0:
+        text = caption_states(work, captions, device)
+        unet = UNet2DConditionModel(**upscaler_unet_config())
+        unet.load_state_dict(load_file(best_weights(work / "upscaler")))
+        unet.to(device).eval().requires_grad_(False)
+        sched, low_res_sched = upscaler_schedulers()
+        acp = sched.alphas_cumprod.to(device)
     st = Stage(work, "vae4", vae, steps, args.time_limit, args.save_every)
     opt = torch.optim.AdamW(params, lr=args.lr_decoder, weight_decay=0.0)
     gen = torch.Generator().manual_seed(6000 + st.step)
@@ -320,6 +336,20 @@ def stage_vae4_decoder(work: Path, images: np.ndarray, steps: int, batch: int, d
             idx = torch.randint(0, len(images), (batch,), generator=gen)
             z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device)
             x = to_tensor(images[idx.numpy()], device)
+            rows = torch.rand(batch, generator=gen) < args.decoder_estimates
+            if rows.any():
+                n = int(rows.sum())
+                with torch.no_grad():
+                    noise_level = torch.full((n,), 20, device=device)  # the pipeline's default
+                    low = F.interpolate(x[rows], scale_factor=0.25, mode="area")
+                    low = low_res_sched.add_noise(low, torch.randn(low.shape, generator=gen).to(device), noise_level)
+                    t = torch.randint(0, 1000, (n,), generator=gen)
+                    t = torch.where(torch.rand(n, generator=gen) < 0.5, 999, t).to(device)
+                    zt = sched.add_noise(z[rows] * scale, torch.randn(z[rows].shape, generator=gen).to(device), t)
+                    v = unet(torch.cat([zt, low], 1), t, encoder_hidden_states=text.hidden[text.row[idx[rows]]],
+                             class_labels=noise_level).sample
+                    a = acp[t].view(-1, 1, 1, 1)
+                    z[rows] = (a.sqrt() * zt - (1 - a).sqrt() * v) / scale  # x0 from v-prediction
             with autocast(device):
                 rec = vae.decode(z).sample
             st.update(opt, F.mse_loss(rec.float(), x), bar)
@@ -425,6 +455,25 @@ def text_hidden(text_model, ids: torch.Tensor, device, batch: int = 4096) -> tor
     return torch.cat(out)
 
 
+@dataclass
+class CaptionStates:
+    """The frozen text tower's hidden states of every distinct caption, computed once; `row[i]` is caption i's
+    row of `hidden` and `empty` the row of "", the unconditional prompt of classifier-free guidance."""
+
+    hidden: torch.Tensor
+    row: torch.Tensor
+    empty: int
+    text_model: torch.nn.Module
+
+
+def caption_states(work: Path, captions: list[str], device) -> CaptionStates:
+    clip_model = load_clip(work, device)
+    unique = sorted(set(captions) | {""})
+    index = {c: i for i, c in enumerate(unique)}
+    hidden = text_hidden(clip_model.text_model, tokenize(unique), device).to(device)
+    return CaptionStates(hidden, torch.tensor([index[c] for c in captions]), index[""], clip_model.text_model)
+
+
 def parse_oversample(text: str) -> dict[str, float]:
     """'angelfish=4,nemo=2' -> {'angelfish': 4.0, 'nemo': 2.0}, checked against the catalogue before any work."""
     from ablation.toyworld import catalog
@@ -462,20 +511,14 @@ def stage_unet(work: Path, images, captions, concepts, steps, batch, lr, device,
     from diffusers import UNet2DConditionModel
 
     vae = load_vae(work, 8, device)
-    clip_model = load_clip(work, device)
     mean, std = cached_latents(vae, images, device, work / "unet" / f"latents_{len(images)}.pt")
     scale = vae.config.scaling_factor
-    # Unique captions -> hidden states once; "" is the unconditional prompt for guidance.
-    unique = sorted(set(captions) | {""})
-    index = {c: i for i, c in enumerate(unique)}
-    hidden = text_hidden(clip_model.text_model, tokenize(unique), device).to(device)
-    cap_idx = torch.tensor([index[c] for c in captions])
-    empty = index[""]
+    text = caption_states(work, captions, device)
+    hidden, cap_idx, empty = text.hidden, text.row, text.empty
     # --reword: that fraction of captions is replaced by a rewording drawn each step (other frames, word order,
     # synonyms, fillers; ablation.toyworld.rewording), encoded by the same frozen text tower
-    text_model = clip_model.text_model if args.reword > 0 else None
+    text_model = text.text_model if args.reword > 0 else None
     from ablation.toyworld.rewording import reword
-    del clip_model
     unet = UNet2DConditionModel(**unet_config()).to(device)
     st = Stage(work, "unet", unet, steps, args.time_limit, args.save_every)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
@@ -539,26 +582,28 @@ class Ema:
         os.replace(tmp, self.path)
 
 
+def upscaler_schedulers():
+    """The upscaler's training noise schedule (v-prediction) and its low-resolution input's noise schedule."""
+    from diffusers import DDPMScheduler
+
+    return (DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
+                          prediction_type="v_prediction"),
+            DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02))
+
+
 def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args) -> None:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     vae = load_vae(work, 4, device)
     mean, std = cached_latents(vae, images, device, work / "upscaler" / f"latents_{len(images)}.pt")
     scale = vae.config.scaling_factor
     del vae
-    clip_model = load_clip(work, device)
-    unique = sorted(set(captions) | {""})
-    index = {c: i for i, c in enumerate(unique)}
-    hidden = text_hidden(clip_model.text_model, tokenize(unique), device).to(device)
-    cap_idx = torch.tensor([index[c] for c in captions])
-    del clip_model
+    text = caption_states(work, captions, device)
     unet = UNet2DConditionModel(**upscaler_unet_config()).to(device)
     st = Stage(work, "upscaler", unet, steps, args.time_limit, args.save_every)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     ema = Ema(unet, UNet2DConditionModel(**upscaler_unet_config()), work / "upscaler" / "ema.safetensors")
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
-                          prediction_type="v_prediction")
-    low_res_sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
+    sched, low_res_sched = upscaler_schedulers()
     gen = torch.Generator().manual_seed(4000 + st.step)
     with tqdm(total=steps, initial=st.step, desc="upscaler") as bar:
         while not st.done():
@@ -566,15 +611,21 @@ def stage_upscaler(work: Path, images, captions, steps, batch, lr, device, args)
             idx = torch.randint(0, len(images), (batch,), generator=gen)
             z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device) * scale
             low = F.interpolate(to_tensor(images[idx.numpy()], device), scale_factor=0.25, mode="area")
-            noise_level = torch.randint(0, 350, (batch,), generator=gen).to(device)
+            # --low-noise-share: that fraction of inputs is noised below level 50 (the pipeline's default is 20), the
+            # rest up to the pipeline's max_noise_level 350; --high-t-share: that fraction of steps from the last 200,
+            # where the UNet's estimate is the posterior mean (what a one-step upscale returns)
+            noise_level = torch.randint(0, 350, (batch,), generator=gen)
+            low_noise = torch.rand(batch, generator=gen) < args.low_noise_share
+            noise_level = torch.where(low_noise, noise_level % 50, noise_level).to(device)
             low = low_res_sched.add_noise(low, torch.randn(low.shape, generator=gen).to(device), noise_level)
-            c = cap_idx[idx].clone()
-            c[torch.rand(batch, generator=gen) < 0.1] = index[""]
-            t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+            c = text.row[idx].clone()
+            c[torch.rand(batch, generator=gen) < 0.1] = text.empty
+            t = torch.randint(0, 1000, (batch,), generator=gen)
+            t = torch.where(torch.rand(batch, generator=gen) < args.high_t_share, 800 + t % 200, t).to(device)
             noise = torch.randn(z0.shape, generator=gen).to(device)
             zt = sched.add_noise(z0, noise, t)
             with autocast(device):
-                pred = unet(torch.cat([zt, low], 1), t, encoder_hidden_states=hidden[c.to(device)],
+                pred = unet(torch.cat([zt, low], 1), t, encoder_hidden_states=text.hidden[c.to(device)],
                             class_labels=noise_level).sample
             loss = F.mse_loss(pred.float(), sched.get_velocity(z0, noise, t))
             st.update(opt, loss, bar)
@@ -845,6 +896,12 @@ def main() -> None:
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
     parser.add_argument("--lr-unet", type=float, default=None, help="override the preset (e.g. lower to continue)")
     parser.add_argument("--lr-decoder", type=float, default=2e-4, help="vae4-decoder stage: learning rate")
+    parser.add_argument("--low-noise-share", type=float, default=0.0,
+                        help="upscaler stage: fraction of low-resolution inputs noised below level 50 (else 0-350)")
+    parser.add_argument("--high-t-share", type=float, default=0.0,
+                        help="upscaler stage: fraction of training steps drawn from the last 200 timesteps")
+    parser.add_argument("--decoder-estimates", type=float, default=0.0,
+                        help="vae4-decoder stage: fraction of each batch that decodes the upscaler UNet's estimates")
     parser.add_argument("--reword", type=float, default=0.0,
                         help="unet stage: fraction of captions replaced by a fresh rewording each step (e.g. 0.5)")
     parser.add_argument("--oversample", default="",
@@ -890,7 +947,7 @@ def main() -> None:
                 steps = preset.vae8_steps if stage == "vae8" else preset.vae4_steps
                 stage_vae(args.work, int(stage[-1]), images, steps, preset.batch_vae, device, args)
             elif stage == "vae4-decoder":
-                stage_vae4_decoder(args.work, images, preset.vae4_steps, preset.batch_vae, device, args)
+                stage_vae4_decoder(args.work, images, captions, preset.vae4_steps, preset.batch_vae, device, args)
             elif stage == "clip":
                 stage_clip(args.work, images, tokenize(captions), concepts, preset.clip_steps, preset.batch_clip,
                            device, args)
