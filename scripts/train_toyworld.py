@@ -726,7 +726,8 @@ def stage_assemble(work: Path, out: Path, use_ema: bool = True) -> None:
             vae=fold_scaling_factor(load_vae(work, 4, "cpu"), UPSCALER_SCALING_FACTOR),
             text_encoder=CLIPTextModel(clip_model.config.text_config), tokenizer=tok,
             unet=up_unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
-                                                  prediction_type="v_prediction", clip_sample=False),
+                                                  prediction_type="v_prediction", clip_sample=False,
+                                                  timestep_spacing="trailing"),  # 1 step: t = 999, not 0
             low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
             max_noise_level=350)
         up.text_encoder.load_state_dict(text_encoder.state_dict())
