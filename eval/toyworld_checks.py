@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--target", required=True, help="toy-world target, e.g. 'grumpy cat'")
     parser.add_argument("--images", type=int, default=16)
     args = parser.parse_args()
+    from ablation.quiet import quiet_libraries
+
+    quiet_libraries()
     fam = catalog().family_of_target(args.target)
     judge = ClipJudge(clip_dir(), device="cpu")
     texts = judge.text_features([catalog().concepts[c].judge_text for c in (fam.target, fam.anchor)])
