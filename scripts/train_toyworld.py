@@ -321,6 +321,9 @@ def stage_vae4_decoder(work: Path, images: np.ndarray, captions: list[str], step
     for p in params:
         p.requires_grad_(True)
     if args.decoder_estimates > 0:
+        if not best_weights(work / "upscaler").exists():
+            raise SystemExit(f"--decoder-estimates needs the upscaler stage's weights in {work / 'upscaler'}: "
+                             "run the `upscaler` (or `from-weights`) stage first")
         text = caption_states(work, captions, device)
         unet = UNet2DConditionModel(**upscaler_unet_config())
         unet.load_state_dict(load_file(best_weights(work / "upscaler")))

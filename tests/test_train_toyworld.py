@@ -94,8 +94,9 @@ def test_toy_mmdit_trains_one_zero_token_for_the_pipelines_256(tmp_path):
 
 
 def test_upscaler_continuation_replaces_only_the_upscalers_files(tmp_path):
-    """`upscaler` (EMA) and `vae4-decoder` continue the shipped upscaler; `assemble-upscaler` writes its UNet and
-    VAE files only; the decoder moved, the encoder (the UNet's latent space) and the scaling factor did not."""
+    """`upscaler` (EMA, the low-noise and high-t shares) and `vae4-decoder` (decoding the UNet's estimates too)
+    continue the shipped upscaler; `assemble-upscaler` writes its UNet and VAE files only; the decoder moved, the
+    encoder (the UNet's latent space) and the scaling factor did not."""
     import shutil
 
     from diffusers import StableDiffusionUpscalePipeline
@@ -105,7 +106,8 @@ def test_upscaler_continuation_replaces_only_the_upscalers_files(tmp_path):
     shutil.copytree(ROOT / "ablation/toyworld/weights", weights, symlinks=True)  # its relative links included
     shutil.copytree(ROOT / "ablation/tokenizer", tmp_path / "ablation/tokenizer")
     cmd = [sys.executable, str(SCRIPT), "from-weights", "data", "upscaler", "vae4-decoder", "assemble-upscaler",
-           "--preset", "smoke", "--workers", "1", "--work", str(work), "--out", str(weights)]
+           "--preset", "smoke", "--workers", "1", "--work", str(work), "--out", str(weights),
+           "--low-noise-share", "0.75", "--high-t-share", "0.3", "--decoder-estimates", "0.5"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     name = "diffusion_pytorch_model.safetensors"
