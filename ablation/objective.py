@@ -250,7 +250,7 @@ class Objective:
                 with torch.no_grad():
                     step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                     delta = project_per_token(delta - (2.5 / cfg.robust_steps) * 0.1 * bound * step, bound)
-        self.adversary = delta.detach()
+        self.adversary = _one_adversary(delta)
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
                                PromptEmbeddings((base + self.adversary).to(target.embeds.dtype), target.pooled))
         return losses.model_based_loss(student, teacher, batch.mask)
@@ -289,11 +289,20 @@ class Objective:
                 pred = self.predict(self.base_unet, batch.noisy, batch.timesteps, PromptEmbeddings(cond))
                 (grad,) = torch.autograd.grad(losses.model_based_loss(pred, original, batch.mask), vectors)
                 vectors = vectors.detach() - step_size * grad.sign()
-        self.adversary = vectors.detach()
+        self.adversary = _one_adversary(vectors)
         with torch.no_grad(), token_overrides(pipe.text_encoder, token, self.adversary):
             cond = encode(pipe, texts, device).float()
         student = self.predict(self.unet, batch.noisy, batch.timesteps, PromptEmbeddings(cond))
         return losses.model_based_loss(student, teacher, batch.mask)
+
+
+def _one_adversary(moved: torch.Tensor) -> torch.Tensor:
+    """The persistent adversary after a step, averaged over the processes of a DDP run: each rank moves it on its own
+    batch, and one adversary (the one rank 0 checkpoints) keeps every rank, and a resumed run, in the same state.
+    A copy of `moved` in a single process."""
+    from accelerate.utils import reduce
+
+    return reduce(moved.detach(), "mean")
 
 
 def _cat(a: PromptEmbeddings, b: PromptEmbeddings) -> PromptEmbeddings:

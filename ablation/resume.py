@@ -51,6 +51,13 @@ def weights_checksum(trainable) -> str:
     return h.hexdigest()
 
 
+def tensor_checksum(tensor: torch.Tensor | None) -> str | None:
+    """sha256 of one tensor's float32 values (None for None): the persistent --robust adversary in debug output."""
+    if tensor is None:
+        return None
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def register_state_hooks(accelerator, trainable, objective=None) -> None:
     """Checkpoints hold only the trained tensors (not whole models), plus accelerate's optimizer/RNG state, and the
     persistent adversary of `--robust-adversary persistent` (`objective.adversary`) when there is one."""

@@ -28,6 +28,7 @@ from ablation.resume import (
     read_checkpoint_state,
     register_state_hooks,
     save_checkpoint,
+    tensor_checksum,
     weights_checksum,
 )
 from ablation.training_data import TrainingData, prepare_data
@@ -300,7 +301,8 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     if cfg.debug_checksums:
         atomic_write_text(plan.output_dir / "debug" / f"rank-{accelerator.process_index}.json",
                       json.dumps({"rank": accelerator.process_index, "num_processes": accelerator.num_processes,
-                                  "step": step, "checksum": weights_checksum(trainable)}))
+                                  "step": step, "checksum": weights_checksum(trainable),
+                                  "adversary": tensor_checksum(objective.adversary)}))
     accelerator.wait_for_everyone()
     if step < cfg.max_steps:
         result.stopped_early = True

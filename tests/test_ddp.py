@@ -23,7 +23,8 @@ def _free_port() -> int:
     ["--gradient-accumulation-steps", "2", "--prior-preservation"],
     ["--lora-rank", "2", "--teacher", "frozen"],
     ["--params", "embedding"],
-], ids=["dense", "lora-frozen-teacher", "embedding"])
+    ["--robust", "--robust-steps", "1"],
+], ids=["dense", "lora-frozen-teacher", "embedding", "robust"])
 def test_two_processes_agree(model_dir, tmp_path, extra):
     out = tmp_path / "run"
     # `--cpu --num_processes 2` silently runs one process; --multi_gpu with ACCELERATE_USE_CPU gives gloo DDP.
@@ -39,5 +40,7 @@ def test_two_processes_agree(model_dir, tmp_path, extra):
     ranks = [json.loads((out / "debug" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_processes"] for r in ranks] == [2, 2]  # two processes really ran
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["step"] == 3
+    if "--robust" in extra:  # each rank moved the persistent adversary on its own batch; the mean is kept
+        assert ranks[0]["adversary"] is not None and ranks[0]["adversary"] == ranks[1]["adversary"]
     assert (out / "delta.safetensors").exists()
     assert proc.stdout.count("ablation finished") == 1  # the summary comes from the main process only
