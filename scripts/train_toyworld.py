@@ -427,7 +427,6 @@ def load_clip(work: Path, device):
     return model.to(device).eval()
 
 
-@torch.no_grad()
 def cached_latents(vae, images: np.ndarray, device, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode_latents`, saved at `path` once: a resumed stage skips the encoding (minutes on CPU)."""
     if path.exists():
@@ -440,6 +439,7 @@ def cached_latents(vae, images: np.ndarray, device, path: Path) -> tuple[torch.T
     return mean, std
 
 
+@torch.no_grad()
 def encode_latents(vae, images: np.ndarray, device, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encode"):
