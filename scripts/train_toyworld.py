@@ -313,6 +313,9 @@ def stage_vae4_decoder(work: Path, images: np.ndarray, captions: list[str], step
     """
     from diffusers import UNet2DConditionModel
 
+    if args.decoder_estimates > 0 and not best_weights(work / "upscaler").exists():  # before the minutes of encoding
+        raise SystemExit(f"--decoder-estimates needs the upscaler stage's weights in {work / 'upscaler'}: "
+                         "run the `upscaler` (or `from-weights`) stage first")
     vae = load_vae(work, 4, device).train()
     mean, std = cached_latents(vae, images, device, work / "upscaler" / f"latents_{len(images)}.pt")
     scale = vae.config.scaling_factor
@@ -321,9 +324,6 @@ def stage_vae4_decoder(work: Path, images: np.ndarray, captions: list[str], step
     for p in params:
         p.requires_grad_(True)
     if args.decoder_estimates > 0:
-        if not best_weights(work / "upscaler").exists():
-            raise SystemExit(f"--decoder-estimates needs the upscaler stage's weights in {work / 'upscaler'}: "
-                             "run the `upscaler` (or `from-weights`) stage first")
         text = caption_states(work, captions, device)
         unet = UNet2DConditionModel(**upscaler_unet_config())
         unet.load_state_dict(load_file(best_weights(work / "upscaler")))
@@ -912,6 +912,9 @@ def main() -> None:
                         help="unet stage: draw these concepts more often, e.g. 'angelfish=4,nemo=2'")
     args = parser.parse_args()
     args.oversample = parse_oversample(args.oversample)
+    for share in ("reword", "low_noise_share", "high_t_share", "decoder_estimates"):
+        if not 0.0 <= getattr(args, share) <= 1.0:
+            parser.error(f"--{share.replace('_', '-')} is a fraction: give a value in [0, 1]")
     preset = PRESETS[args.preset]
     for field in ("vae8_steps", "vae4_steps", "clip_steps", "unet_steps", "upscaler_steps", "num_images", "lr_unet"):
         if getattr(args, field) is not None:

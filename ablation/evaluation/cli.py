@@ -159,8 +159,7 @@ def inpaint_main(argv: list[str]) -> int:
     p.add_argument("--strength", type=float, default=1.0, help="1.0: ignore the masked content")
     p.add_argument("--paste-back", action="store_true", help="keep the original pixels outside the mask exactly")
     p.add_argument("--out", required=True, help="output folder")
-    _add_sampling(p, steps_help="denoising steps (default: 50); `--steps 1 --guidance 1` returns the UNet's one-step "
-                  "estimate, its posterior mean: the toy upscaler's best PSNR, blurrier than a sample")
+    _add_sampling(p)
     args = p.parse_args(argv)
     _setup_logging()
     from PIL import Image
