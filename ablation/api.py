@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablation.config import ConfigError, TrainConfig, build_config
+from ablation.config import EXPORT_KINDS, ConfigError, TrainConfig, build_config
 
 __all__ = ["AblationResult", "ablate", "evaluate"]
 
 #: run-folder entries `AblationResult.save` copies (checkpoints and logs stay behind: they are for resuming)
-SAVED_ENTRIES = ("delta.safetensors", "config.yaml", "pipeline", "lora", "eval", "README.md")
+SAVED_ENTRIES = ("delta.safetensors", "config.yaml", *EXPORT_KINDS, "eval", "README.md")
 
 
 @dataclass

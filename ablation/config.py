@@ -31,6 +31,8 @@ Teacher = Literal["same", "frozen"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ReportTo = Literal["tensorboard", "none"]
 ExportKind = Literal["pipeline", "lora", "single-file"]
+#: the export kinds, which are also the names of their folders in a run (`ablation.export`)
+EXPORT_KINDS: tuple[str, ...] = typing.get_args(ExportKind)
 
 CONCEPT_KEYS = ("target", "anchor", "concept_type", "anchor_prompts")
 #: the official code's names, accepted as aliases of this project's

@@ -13,14 +13,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ablation.config import EXPORT_KINDS
 from ablation.delta import METADATA_FILENAME, TRAINABLE_COMPONENTS
 from ablation.io import atomic_dir
-from ablation.lora_convert import KOHYA_SUFFIX, kohya_state_dict, lora_state_from_pipe, svd_lora_state
+from ablation.lora_convert import (
+    KOHYA_SUFFIX,
+    kohya_base_metadata,
+    kohya_state_dict,
+    lora_state_from_pipe,
+    svd_lora_state,
+)
 from ablation.merge import components, dense_pipeline
 
 logger = logging.getLogger("ablation.checkpoint")
 
-EXPORT_KINDS = ("pipeline", "lora", "single-file")
 SINGLE_FILE_DIR = "single-file"
 
 
@@ -53,16 +59,24 @@ def kohya_file_name(out_dir: str | Path) -> str:
     return _file_stem(name) + KOHYA_SUFFIX
 
 
-def save_lora(pipe_cls, out_dir: str | Path, lora_state: Mapping[str, dict],
+def save_lora(pipe, out_dir: str | Path, lora_state: Mapping[str, dict],
               metadata: Mapping[str, str] | None = None, *, kohya: bool = True) -> None:
     """Write a LoRA folder atomically: diffusers' file (`save_lora_weights`), the kohya file, `ablation.json`.
 
     The kohya-layout file (`<run name>_kohya.safetensors`, see `lora_convert.kohya_state_dict`) is the one
     to copy into AUTOMATIC1111's `models/Lora` or ComfyUI's `models/loras`; `load_lora_weights(DIR)`
     picks diffusers' own `pytorch_lora_weights.safetensors`.
+
+    Args:
+        pipe: the pipeline the LoRA applies to (its class saves, its family names the kohya base model).
+        out_dir: the LoRA folder.
+        lora_state: see `lora_convert`.
+        metadata: the delta's metadata (also written as `ablation.json`).
+        kohya: also write the kohya file (UNet pipelines only).
     """
     from safetensors.torch import save_file
 
+    pipe_cls = type(pipe)
     kwargs: dict[str, Any] = {}
     for comp, entry in lora_state.items():
         if comp not in TRAINABLE_COMPONENTS:
@@ -75,7 +89,8 @@ def save_lora(pipe_cls, out_dir: str | Path, lora_state: Mapping[str, dict],
     kohya = kohya and "transformer" not in lora_state
     kohya_tensors = kohya_state_dict(lora_state, text_encoders=text_encoders) if kohya else None
     kohya_meta = {k: v for k, v in (metadata or {}).items() if k != "format"}
-    kohya_meta.update({"format": "pt", "ablation_format": "kohya-lora", "ss_network_module": "networks.lora"})
+    kohya_meta.update({"format": "pt", "ablation_format": "kohya-lora", "ss_network_module": "networks.lora",
+                       **kohya_base_metadata(pipe)})
 
     def write(tmp: Path) -> None:
         pipe_cls.save_lora_weights(str(tmp), **kwargs)
@@ -149,5 +164,5 @@ def export_outputs(
             new = {f"{comp}.{k}": v for comp, m in components(pipe).items() if comp in TRAINABLE_COMPONENTS
                    for k, v in m.state_dict().items() if k.endswith(".weight") and v.ndim == 2}
             state, _ = svd_lora_state(base_pipe, new, rank)
-        save_lora(type(pipe), output_dir / "lora", state, metadata)
+        save_lora(pipe, output_dir / "lora", state, metadata)
         logger.info("wrote %s", output_dir / "lora")

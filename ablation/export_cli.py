@@ -158,7 +158,7 @@ def _export(argv: list[str] | None) -> None:
         base_pipe = load_pipeline(base)
         checkpoint.check_base(base_pipe, metadata, delta_file, keys=tensors, force=args.force)
         state, error = checkpoint.svd_lora_state(base_pipe, tensors, rank)
-        checkpoint.save_lora(type(base_pipe), out, state, {**metadata, "base_model": base, "lora_rank": str(rank),
+        checkpoint.save_lora(base_pipe, out, state, {**metadata, "base_model": base, "lora_rank": str(rank),
                                                            "svd_relative_error": f"{error:.6g}"})
         print(f"LoRA rank {rank}: relative reconstruction error {error:.3g}")
     print(f"wrote {out}")

@@ -151,6 +151,31 @@ def lora_scale(config: Mapping | None, module: str) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
+def kohya_base_metadata(pipe) -> dict[str, str]:
+    """kohya-ss's own base-model fields (`ss_v2`, `ss_base_model_version`) for a LoRA trained on `pipe`.
+
+    AUTOMATIC1111 reads them to file a LoRA under SD1 / SD2 / SDXL and, by default, hides a LoRA of another
+    version than the loaded checkpoint; without them every LoRA counts as SD1. The values are the ones kohya's
+    trainers write (`model_util.get_model_version_str_for_sd1_sd2`: `sd_v1`, `sd_v2`, `sd_v2_v` for
+    v-prediction; `sdxl_base_v1-0`; FLUX `flux1`, SD3 `sd3`). SD 2.x is told from SD 1.x by its UNet's linear
+    transformer projections (`use_linear_projection`, true in every SD 2.x config and no SD 1.x one).
+    """
+    name = type(pipe).__name__
+    denoiser = getattr(pipe, "unet", None)
+    if "XL" in name:
+        version, v2 = "sdxl_base_v1-0", False
+    elif "Flux" in name:
+        version, v2 = "flux1", False
+    elif "3" in name and denoiser is None:  # StableDiffusion3Pipeline
+        version, v2 = "sd3", False
+    else:
+        v2 = denoiser is not None and bool(denoiser.config.get("use_linear_projection"))
+        v_pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction"
+        version = "sd_v2" if v2 else "sd_v1"
+        version += "_v" if v_pred else ""
+    return {"ss_v2": str(v2), "ss_base_model_version": version}
+
+
 def _kohya_prefix(comp: str, n_text_encoders: int) -> str:
     if comp == "unet":
         return "lora_unet"

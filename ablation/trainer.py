@@ -19,7 +19,7 @@ import torch
 from ablation import losses
 from ablation.architectures import training_adapter
 from ablation.concepts import common_words
-from ablation.config import ConfigError, TrainConfig, learning_rate
+from ablation.config import EXPORT_KINDS, ConfigError, TrainConfig, learning_rate
 from ablation.io import atomic_write_text
 from ablation.objective import Objective
 from ablation.planning import RunPlan, plan_run
@@ -35,8 +35,12 @@ from ablation.training_data import TrainingData, prepare_data
 
 __all__ = ["TrainResult", "TrainingError", "list_checkpoints", "plan_run", "train"]
 
-OUTPUT_ARTEFACTS = ("checkpoints", "delta.safetensors", "pipeline", "lora", "logs", "debug", "config.yaml", "README.md",
-                    "timings.json")
+#: what a run, its exports (`export.EXPORT_KINDS` name their folders) and `ablate eval` write into the run folder;
+#: `--overwrite` removes all of it, and every other sub-folder holding an evaluation or attack report
+#: (`ablate eval/attack --out RUN/NAME`), so nothing of the previous run's results survives into the new model card
+OUTPUT_ARTEFACTS = ("checkpoints", "delta.safetensors", *EXPORT_KINDS, "eval", "logs", "debug", "config.yaml",
+                    "README.md", "timings.json", "report.json", "report.md")
+RESULT_FILES = ("report.json", "attack.json")
 
 
 class TrainingError(RuntimeError):
@@ -96,14 +100,23 @@ def _prepare_output(plan: RunPlan) -> None:
 
     out = plan.output_dir
     if plan.config.overwrite and plan.resume_dir is None:
-        for name in OUTPUT_ARTEFACTS:
-            target = out / name
+        for target in previous_results(out):
             if target.is_dir():
                 shutil.rmtree(target)
-            elif target.exists():
+            else:
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(plan.config.to_dict(), sort_keys=False))
+
+
+def previous_results(out: Path) -> list[Path]:
+    """What `--overwrite` removes from the run folder `out`: `OUTPUT_ARTEFACTS` and report folders (see there)."""
+    if not out.is_dir():
+        return []
+    found = [out / name for name in OUTPUT_ARTEFACTS if (out / name).exists() or (out / name).is_symlink()]
+    found += [p for p in sorted(out.iterdir()) if p.is_dir() and p not in found
+              and any((p / name).is_file() for name in RESULT_FILES)]
+    return found
 
 
 def _make_optimizer(cfg: TrainConfig, params, lr: float):

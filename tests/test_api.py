@@ -144,3 +144,13 @@ def test_sd3_pipeline_in_memory(tmp_path):
     lora_b = [v for k, v in pipe.transformer.state_dict().items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
     assert result.metrics["final_loss"] < result.metrics["initial_loss"]
+
+
+def test_save_copies_every_export(model_dir, tmp_path):
+    result = ablation.ablate(tiny_pipeline("sd1"), target="Grumpy Cat", anchor="Cat", lora_rank=2, max_steps=1,
+                             model=model_dir, export=["lora", "single-file"], output_dir=str(tmp_path / "run"),
+                             cache_dir=str(tmp_path / "c"), **SMALL)
+    saved = result.save(tmp_path / "saved")
+    assert {"lora", "single-file"} <= {p.name for p in saved.iterdir()}  # single-file/ was left behind before
+    files = sorted(p.name for p in (saved / "single-file").iterdir())
+    assert files == sorted(p.name for p in (result.run_dir / "single-file").iterdir()) and files

@@ -210,7 +210,7 @@ def test_dense_to_svd_lora(trained, tmp_path, caplog):
     pipe, tensors = trained
     state, err = ckpt.svd_lora_state(tiny_pipeline("sd1"), tensors, rank=32)  # full rank of 16x32 / 32x32
     assert err < 1e-6
-    ckpt.save_lora(StableDiffusionPipeline, tmp_path / "lora", state)
+    ckpt.save_lora(tiny_pipeline("sd1"), tmp_path / "lora", state)
     fresh = tiny_pipeline("sd1")
     fresh.load_lora_weights(tmp_path / "lora")
     torch.testing.assert_close(_unet_out(fresh), _unet_out(pipe), atol=1e-5, rtol=0)
@@ -276,7 +276,7 @@ def test_svd_lora_of_sdxl_text_encoders(tmp_path):
         _perturb(getattr(pipe, comp), comp_names)
     state, err = ckpt.svd_lora_state(tiny_pipeline("sdxl"), ckpt.trained_tensors(pipe, names), rank=32)
     assert set(state) == {"text_encoder", "text_encoder_2"} and err < 1e-6
-    ckpt.save_lora(type(pipe), tmp_path / "lora", state)
+    ckpt.save_lora(pipe, tmp_path / "lora", state)
     fresh = tiny_pipeline("sdxl")
     fresh.load_lora_weights(tmp_path / "lora")
     ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,

@@ -463,3 +463,27 @@ def test_toy_classifier_names_every_concept_of_held_out_renders(tmp_path):
     assert int(probs[3].argmax()) == 0 and judge.accuracy(images[:1], concepts[0]) == 1.0
     with pytest.raises(FileNotFoundError, match="train_toy_classifier"):
         load_classifier(tmp_path)
+
+
+def test_overwrite_leaves_nothing_of_the_previous_run(world, tmp_path):
+    """run -> eval -> single-file export -> eval into another folder -> an --overwrite run: only the new run's
+    files are left, and its model card says it is not evaluated (it showed the old evaluation before the fix)."""
+    run = tmp_path / "run"
+    train = ["train", "--model", world["sd1"], "--target", "zorp", "--anchor", "cat", "--resolution", "32",
+             "--num-anchor-images", "2", "--anchor-steps", "2", "--max-steps", "2", "--train-batch-size", "2",
+             "--checkpointing-steps", "1", "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache")]
+    assert main(train) == 0
+    evaluate_args = ["eval", "--ablated", str(run), "--clip", world["clip"], "--num-samples", "1", "--batch-size", "4",
+                     "--kid-subsets", "2", *FAST]
+    assert main(evaluate_args) == 0
+    assert main(evaluate_args + ["--out", str(run / "second-eval")]) == 0
+    assert main(["export", "--run", str(run), "--format", "single-file"]) == 0
+    assert {"eval", "second-eval", "single-file", "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert "Not evaluated yet" not in (run / "README.md").read_text()
+    (run / "notes.txt").write_text("mine")  # not a result: a user's file stays
+
+    assert main(train + ["--overwrite", "--max-steps", "1", "--checkpointing-steps", "0"]) == 0
+    left = sorted(p.name for p in run.iterdir() if p.name != ".lock")
+    assert left == ["README.md", "config.yaml", "delta.safetensors", "notes.txt", "timings.json"]
+    card = (run / "README.md").read_text()
+    assert "Not evaluated yet" in card and "| steps done | 1 |" in card

@@ -69,7 +69,7 @@ def test_kohya_file_of_a_dense_run_by_svd(tmp_path):
     tensors = ckpt.trained_tensors(pipe, names)
     state, err = ckpt.svd_lora_state(tiny_pipeline("sd1"), tensors, rank=32)
     assert err < 1e-6
-    ckpt.save_lora(type(pipe), tmp_path / "run" / "lora", state, _meta(pipe))
+    ckpt.save_lora(pipe, tmp_path / "run" / "lora", state, _meta(pipe))
     kohya, _ = _read(tmp_path / "run" / "lora" / "run_kohya.safetensors")  # named after the run folder
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in kohya  # SD 1.x spelling
     assert float(kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"]) == 32.0  # SVD: scale 1
@@ -104,3 +104,27 @@ def test_adapters_without_a_peft_config_are_refused():
     pipe.unet.__dict__.pop("peft_config", None)
     with pytest.raises(ValueError, match="no peft config named 'default'.*add_adapter"):
         ckpt.lora_state_from_pipe(pipe)
+
+
+@pytest.mark.parametrize(("kind", "v2", "version"), [("sd1", "False", "sd_v1"), ("sd2", "True", "sd_v2_v"),
+                                                     ("sdxl", "False", "sdxl_base_v1-0")])
+def test_kohya_file_names_its_base_model_as_kohya_does(kind, v2, version, tmp_path):
+    """A1111 files a LoRA by `ss_v2` / `ss_base_model_version` and hides other versions' LoRAs by default."""
+    pipe = tiny_pipeline(kind)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"]))
+    ckpt.export_outputs(pipe, tmp_path / "run", ["lora"], ckpt.lora_state_from_pipe(pipe), _meta(pipe))
+    _, meta = _read(tmp_path / "run" / "lora" / "run_kohya.safetensors")
+    assert (meta["ss_v2"], meta["ss_base_model_version"]) == (v2, version)
+
+
+def test_kohya_base_model_of_sd2_base_and_mmdit_pipelines():
+    from diffusers import DDIMScheduler
+
+    from ablation.lora_convert import kohya_base_metadata
+    from ablation.testing import tiny_mmdit_pipeline
+
+    pipe = tiny_pipeline("sd2")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")  # 2.x base, 512 px
+    assert kohya_base_metadata(pipe) == {"ss_v2": "True", "ss_base_model_version": "sd_v2"}
+    for kind, version in (("sd3", "sd3"), ("flux", "flux1")):
+        assert kohya_base_metadata(tiny_mmdit_pipeline(kind))["ss_base_model_version"] == version

@@ -159,7 +159,7 @@ def test_delta_refused_on_other_base_weights_unless_forced(seeded_run, tmp_path,
     assert not torch.allclose(_unet_out(forced), expected)
     # a LoRA export of the delta carries the fingerprint too (ablation.json) and covers a subset of tensors
     state, _ = ckpt.svd_lora_state(tiny_pipeline("sd1", seed=0), tensors, rank=32)
-    ckpt.save_lora(type(forced), tmp_path / "lora", state, ckpt.read_metadata(run / "delta.safetensors"))
+    ckpt.save_lora(forced, tmp_path / "lora", state, ckpt.read_metadata(run / "delta.safetensors"))
     torch.testing.assert_close(_unet_out(ckpt.load_ablated_pipeline(tiny_pipeline("sd1", seed=0), tmp_path / "lora")),
                                expected, atol=1e-5, rtol=0)
     with pytest.raises(ckpt.BaseMismatchError):
