@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablation.config import EXPORT_KINDS, ConfigError, TrainConfig, build_config
+from ablation.config import EXPORT_KINDS, GUIDANCE, ConfigError, TrainConfig, build_config
 
 __all__ = ["AblationResult", "ablate", "evaluate"]
 
@@ -207,7 +207,7 @@ def _ready_for_inference(pipe, config: TrainConfig) -> None:
 def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | str | Path], base: str | None = None,
              *, out: str | Path | None = None, families: Sequence[str] = (), targets: Sequence[str] = (),
              anchors: Sequence[str] = (), concept_type: str = "instance", num_samples: int = 4,
-             steps: int | None = None, guidance: float = 6.0, scheduler: str = "ddim", seed: int = 0,
+             steps: int | None = None, guidance: float = GUIDANCE, scheduler: str = "ddim", seed: int = 0,
              height: int | None = None, width: int | None = None, clip_model: str | None = None,
              device: str | None = None, base_pipe=None, model_card: bool = True, **settings: Any) -> dict:
     """Evaluate ablated runs against their base model (`ablate eval` in-process); returns the report.
@@ -242,7 +242,7 @@ def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | st
     from ablation.evaluation.evaluate import EvalSettings
     from ablation.evaluation.evaluate import evaluate as run_evaluation
     from ablation.evaluation.generate import SamplingSettings
-    from ablation.evaluation.selection import default_base, default_out, select_tasks
+    from ablation.evaluation.selection import default_base, default_out, sampling_defaults, select_tasks
 
     items = [ablated] if isinstance(ablated, AblationResult | str | Path) else list(ablated)
     runs = [str(i.run_dir if isinstance(i, AblationResult) else i) for i in items]
@@ -251,11 +251,7 @@ def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | st
         tasks = select_tasks(base, runs, families=families, targets=targets, anchors=anchors,
                              concept_type=concept_type)
         out_dir = Path(out) if out else default_out(runs)
-        if steps is None:
-            from ablation.evaluation.cli import TOY_EVAL_STEPS
-            from ablation.models import is_toy
-
-            steps = TOY_EVAL_STEPS if is_toy(base) else 50
+        steps, settings["batch_size"] = sampling_defaults(base, steps, settings.get("batch_size"))
         eval_settings = EvalSettings(sampling=SamplingSettings(scheduler=scheduler, steps=steps, guidance=guidance,
                                                                        height=height, width=width),
                                      samples_per_prompt=num_samples, seed=seed, **settings)

@@ -168,7 +168,7 @@ class UNetArchitecture(Architecture):
     def anchor_sampler(self, pipe, name):
         import diffusers
 
-        from ablation.data import SAMPLERS
+        from ablation.config import SAMPLERS
 
         if name not in SAMPLERS:
             raise ConfigError(f"unknown anchor sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

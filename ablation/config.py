@@ -26,7 +26,13 @@ from typing import Any, Literal
 ConceptType = Literal["instance", "style", "memorization", "nudity"]
 Variant = Literal["model-based", "image-based"]
 ParamGroup = Literal["cross-attn", "attn", "full", "embedding", "text-kv+embedders"]
-Sampler = Literal["ddim", "dpm++", "euler", "ddpm"]
+Sampler = Literal["ddim", "dpm++", "euler", "ddpm", "pndm"]
+#: classifier-free guidance of the paper's sampling (anchors and evaluation, docs/method.md): every default uses it
+GUIDANCE = 6.0
+#: sampler name -> diffusers scheduler class: the one table of anchors, `ablate eval / generate / attack` and the demo
+SAMPLERS: dict[str, str] = dict(zip(typing.get_args(Sampler), ("DDIMScheduler", "DPMSolverMultistepScheduler",
+                                                               "EulerDiscreteScheduler", "DDPMScheduler",
+                                                               "PNDMScheduler"), strict=True))
 Teacher = Literal["same", "frozen"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ReportTo = Literal["tensorboard", "none"]
@@ -433,7 +439,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 #: scale of the loss, lambda 1 there equals lambda 0.25 with this project's per-element means.
 PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor_images=1000, teacher="same",
                                     preserve_weight=0.0,
-                                    anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=6.0)
+                                    anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=GUIDANCE)
 
 #: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
 #: anchor generation included, must fit in a few CPU minutes. Tuned on the toy model (docs/paper-parity.md,
@@ -464,7 +470,7 @@ TOY_GROUP_LR: dict[str, float] = {"embedding": 2e-2, "cross-attn": 1e-4, "attn":
 TOY_MULTI_CONCEPT_STEPS = 60
 TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=16, teacher="frozen",
                                   preserve_weight=0.0,
-                                  anchor_scheduler="ddim", anchor_steps=10, anchor_guidance=6.0)
+                                  anchor_scheduler="ddim", anchor_steps=10, anchor_guidance=GUIDANCE)
 
 
 #: SD3 / SD3.5 / FLUX (docs/mmdit.md), overlaid on the paper's table: these models do not fit next to a dense
@@ -484,7 +490,7 @@ MMDIT_DEFAULTS: dict[str, dict[str, Any]] = {
 #: the toy MMDiT (`--model toy-sd3`, SD3 without T5): anchors as the toy UNet's (10 sampler steps, guidance 6, the
 #: setting its quality was measured at) and, as on the toy UNet, the target's token rows (`embedding`, no LoRA):
 #: the text K/V group with LoRA removed grumpy cat but changed 15-17% of other concepts' images (docs/mmdit.md)
-TOY_MMDIT: dict[str, Any] = dict(params="embedding", lora_rank=0, anchor_steps=10, anchor_guidance=6.0,
+TOY_MMDIT: dict[str, Any] = dict(params="embedding", lora_rank=0, anchor_steps=10, anchor_guidance=GUIDANCE,
                                  learning_rate=2e-2, max_steps=40, train_batch_size=8)
 #: ... and for a transformer group chosen on it (LoRA 16 on the text K/V: lr 1e-3, 100 steps removed grumpy cat)
 TOY_MMDIT_LORA: dict[str, Any] = dict(learning_rate=1e-3, max_steps=100)

@@ -41,12 +41,6 @@ from ablation.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "ddpm": "DDPMScheduler",
-}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RETRIEVAL_INSTALL = "pip install 'ablation[retrieval]'"
 
@@ -66,7 +60,7 @@ class SamplerSettings:
     Attributes:
         model_key: identity of the weights, configs, tokenizer and scheduler (`anchor_model_key`).
         prompts: anchor prompts; image k uses prompt k mod P.
-        scheduler: sampler name (a key of `SAMPLERS`).
+        scheduler: sampler name (a key of `ablation.config.SAMPLERS`).
         steps: sampling steps.
         guidance: classifier-free guidance scale.
         resolution: image side in pixels.
@@ -192,12 +186,6 @@ class AnchorSet:
 # --------------------------------------------------------------------------------------------------
 # model-based anchors: generation and cache
 # --------------------------------------------------------------------------------------------------
-
-
-def _sampler(pipe, name: str):
-    import diffusers
-
-    return getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
 
 
 def _architecture(pipe):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from ablation.config import ConfigError
+from ablation.config import GUIDANCE, SAMPLERS, ConfigError
 
 logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "demo_assets"
@@ -58,7 +58,7 @@ class DemoSettings:
     """Defaults of the page's controls and how images are sampled."""
 
     steps: int = 25
-    guidance: float = 6.0
+    guidance: float = GUIDANCE
     num_images: int = 2
     seed: int = 0
     scheduler: str = "ddim"
@@ -332,9 +332,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 = any free port)")
     p.add_argument("--steps", type=int, default=25, help="default sampling steps on the page")
-    p.add_argument("--guidance", type=float, default=6.0, help="default classifier-free guidance")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="default classifier-free guidance")
     p.add_argument("--num-images", type=int, default=2, help="default images per model")
-    p.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++", "euler", "pndm"), help="sampler")
+    p.add_argument("--scheduler", default="ddim", choices=SAMPLERS, help="sampler")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     return p
 

@@ -23,6 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ablation.config import GUIDANCE
 from ablation.tokenizer_util import clip_tokenizer
 
 TinyKind = Literal["sd1", "sd2", "sdxl", "inpaint", "upscale"]
@@ -293,7 +294,7 @@ def toy_family_accuracy(pipe, judge, family: str, concepts: int = 2, images: int
     for index, concept in enumerate(fam.classes[:concepts]):
         prompts = list(fam.prompts_for(concept, "heldout")[:images])
         gens = [torch.Generator().manual_seed(10**9 + i) for i in range(len(prompts))]
-        result = pipe(prompts, num_inference_steps=steps, guidance_scale=6.0, generator=gens).images
+        result = pipe(prompts, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=gens).images
         assert result[0].size == (64, 64), result[0].size
         out[concept] = family_accuracy(judge.image_features(result), texts, index)
     return out

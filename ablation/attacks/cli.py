@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ablation.config import ConfigError
+from ablation.config import GUIDANCE, ConfigError
 
 logger = logging.getLogger("ablation.attacks")
 
@@ -49,7 +49,7 @@ class AttackSettings:
     num_samples: int = 2
     num_references: int = 8
     steps: int = 25
-    guidance: float = 6.0
+    guidance: float = GUIDANCE
     batch_size: int = 8
     device: str | None = None
 
@@ -240,7 +240,7 @@ def parse(argv: list[str]) -> AttackSettings:
     p.add_argument("--num-samples", type=int, default=2, help="images per prompt and model (default 2)")
     p.add_argument("--num-references", type=int, default=8, help="base-model images of the target (default 8)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps of every image (default 25)")
-    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance (default 6)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance (default 6)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     args = p.parse_args(argv)

@@ -12,17 +12,16 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ablation.config import GUIDANCE
+from ablation.evaluation.selection import TOY_EVAL_BATCH, TOY_EVAL_STEPS
+
 logger = logging.getLogger("ablation.evaluation")
-#: `ablate eval` on the toy model: the sampler steps of its quality protocol (docs/toyworld.md) and of its
-#: anchor images, and a batch that keeps 2 CPU cores busy on 8x8 latents (8 leaves them waiting on overhead)
-TOY_EVAL_STEPS = 25
-TOY_EVAL_BATCH = 32
 
 
 # ------------------------------------------------------------------ shared options
 
 
-def _add_sampling(p: argparse.ArgumentParser, steps: int | None = 50, guidance: float = 6.0,
+def _add_sampling(p: argparse.ArgumentParser, steps: int | None = 50, guidance: float = GUIDANCE,
                   batch_size: int | None = 8, steps_help: str | None = None, batch_help: str | None = None) -> None:
     from ablation.evaluation.generate import SCHEDULERS
 
@@ -320,11 +319,9 @@ def eval_main(argv: list[str]) -> int:
             controls = load_controls(args.control_prompts, exclude=[c for t in tasks for c in t.classes])
     except (KeyError, ValueError, FileNotFoundError) as err:
         return _fail(str(err).strip("'\""))
-    from ablation.models import is_toy
+    from ablation.evaluation.selection import sampling_defaults
 
-    toy = is_toy(base)
-    args.steps = args.steps if args.steps is not None else (TOY_EVAL_STEPS if toy else 50)
-    args.batch_size = args.batch_size if args.batch_size is not None else (TOY_EVAL_BATCH if toy else 8)
+    args.steps, args.batch_size = sampling_defaults(base, args.steps, args.batch_size)
     if args.steps < 1 or args.batch_size < 1:
         return _fail("--steps and --batch-size must be >= 1")
     settings = EvalSettings(

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ablation.config import GUIDANCE
 from ablation.evaluation.generate import Job, SamplingSettings, generate, jobs_for_total
 
 CONTROLS_FILE = Path(__file__).parent / "prompt_sets" / "controls.yaml"
@@ -187,7 +188,7 @@ def _scheduler(pipe, name: str) -> Iterator:
 
 
 def measure(base_pipe, ablated_pipe, *, concepts: Sequence[str] | None = None, per_concept: int = 8, seed: int = 0,
-            steps: int = 10, guidance: float = 6.0, scheduler: str = "ddim", batch_size: int = 64,
+            steps: int = 10, guidance: float = GUIDANCE, scheduler: str = "ddim", batch_size: int = 64,
             judges: Judges | None = None) -> dict:
     """Collateral damage of an ablation on the toy world, measured by both toy judges.
 

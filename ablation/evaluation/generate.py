@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ablation.config import GUIDANCE, SAMPLERS
+
 #: seeds of consecutive prompts are this far apart (more samples per prompt than this would collide)
 SEED_STRIDE = 100_000
-SCHEDULERS = ("ddim", "dpm++", "euler", "pndm")
+SCHEDULERS = tuple(SAMPLERS)
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class SamplingSettings:
     """How images are sampled (part of every cache key and manifest).
 
     Attributes:
-        scheduler: `ddim`, `dpm++` (DPM-Solver++ multistep), `euler` or `pndm`.
+        scheduler: a key of `ablation.config.SAMPLERS` (`dpm++`: DPM-Solver++ multistep).
         steps: denoising steps.
         guidance: classifier-free guidance scale.
         height: image height in pixels (None: the model's default).
@@ -38,7 +40,7 @@ class SamplingSettings:
 
     scheduler: str = "ddim"
     steps: int = 50
-    guidance: float = 6.0
+    guidance: float = GUIDANCE
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
@@ -91,15 +93,13 @@ def jobs_for_total(prompts: Sequence[str], total: int, seed: int = 0) -> list[Jo
 
 def set_scheduler(pipe, name: str) -> None:
     """Swap the pipeline's scheduler, keeping its noise schedule and prediction type."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    import diffusers
 
-    classes = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
-               "pndm": PNDMScheduler}
-    if name not in classes:
+    if name not in SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
     if type(pipe.scheduler).__name__.startswith("FlowMatch"):  # SD3 / FLUX sample with their own flow scheduler
         return
-    pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
 
 
 def prompt_hash(prompt: str) -> str:

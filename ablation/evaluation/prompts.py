@@ -87,12 +87,6 @@ def toy_task(family: str) -> ConceptTask:
     )
 
 
-def toy_task_names() -> list[str]:
-    from ablation.toyworld import catalog
-
-    return list(catalog().families)
-
-
 # ------------------------------------------------------------------ paper prompt sets
 
 

@@ -57,6 +57,22 @@ def default_base(runs: Sequence[str]) -> str:
     return "toy"
 
 
+#: `ablate eval` / `ablation.evaluate` on the toy model: the sampler steps of its quality protocol (docs/toyworld.md)
+#: and of its anchor images, and a batch that keeps 2 CPU cores busy on 8x8 latents (8 leaves them waiting on
+#: overhead); other models: the paper's 50 DDIM steps, batch 8
+TOY_EVAL_STEPS = 25
+TOY_EVAL_BATCH = 32
+
+
+def sampling_defaults(base: str, steps: int | None = None, batch_size: int | None = None) -> tuple[int, int]:
+    """(steps, batch size) of an evaluation of `base`: the given values, else the model's defaults (see above)."""
+    from ablation.models import is_toy
+
+    toy = is_toy(base)
+    return (steps if steps is not None else (TOY_EVAL_STEPS if toy else 50),
+            batch_size if batch_size is not None else (TOY_EVAL_BATCH if toy else 8))
+
+
 def default_out(runs: Sequence[str]) -> Path:
     """`<first run dir>/eval` (the folder holding it for a delta file)."""
     if not runs:
