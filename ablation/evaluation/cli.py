@@ -21,14 +21,16 @@ logger = logging.getLogger("ablation.evaluation")
 # ------------------------------------------------------------------ shared options
 
 
-def _add_sampling(p: argparse.ArgumentParser, steps: int | None = 50, guidance: float = GUIDANCE,
-                  batch_size: int | None = 8, steps_help: str | None = None, batch_help: str | None = None) -> None:
+def _add_sampling(p: argparse.ArgumentParser, steps: int | None = 50, guidance: float | None = GUIDANCE,
+                  batch_size: int | None = 8, steps_help: str | None = None, batch_help: str | None = None,
+                  guidance_help: str | None = None) -> None:
     from ablation.evaluation.generate import SCHEDULERS
 
     g = p.add_argument_group("sampling")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default: ddim, as the paper)")
     g.add_argument("--steps", type=int, default=steps, help=steps_help or f"denoising steps (default: {steps})")
-    g.add_argument("--guidance", type=float, default=guidance, help=f"classifier-free guidance (default: {guidance})")
+    g.add_argument("--guidance", type=float, default=guidance,
+                   help=guidance_help or f"classifier-free guidance (default: {guidance})")
     g.add_argument("--seed", type=int, default=0, help="base seed; image seed = seed + 100000*prompt + sample")
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help=batch_help or f"images per pipeline call (default: {batch_size})")
@@ -209,8 +211,10 @@ def upscale_main(argv: list[str]) -> int:
                    help="high-resolution ground truth per --image: reports PSNR of the upscaler and of bicubic")
     p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-resolution input")
     p.add_argument("--out", required=True, help="output folder")
-    _add_sampling(p, steps_help="denoising steps (default: 50); `--steps 1 --guidance 1` returns the UNet's one-step "
-                  "estimate, its posterior mean: the toy upscaler's best PSNR, blurrier than a sample")
+    _add_sampling(p, steps=None, guidance=None,
+                  steps_help="denoising steps (default: 1 on the toy upscaler, whose one-step estimate, its posterior "
+                             "mean, has its best PSNR; else 75, as diffusers' upscale pipeline)",
+                  guidance_help="classifier-free guidance (default: 1 on the toy upscaler, else 9)")
     args = p.parse_args(argv)
     _setup_logging()
     from PIL import Image
@@ -231,7 +235,11 @@ def upscale_main(argv: list[str]) -> int:
     from ablation.evaluation.generate import set_scheduler
 
     set_scheduler(pipe, args.scheduler)
-    kwargs = dict(seed=args.seed, steps=args.steps, guidance=args.guidance, noise_level=args.noise_level,
+    from ablation.evaluation.upscale import upscale_defaults
+
+    steps, guidance = upscale_defaults(pipe)
+    kwargs = dict(seed=args.seed, steps=steps if args.steps is None else args.steps,
+                  guidance=guidance if args.guidance is None else args.guidance, noise_level=args.noise_level,
                   batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
