@@ -286,6 +286,7 @@ def trained_tensors(
     *,
     embedding_rows: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
     base_pipe=None,
+    base_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Collect the trained tensors of a pipeline for `save_delta`.
 
@@ -299,6 +300,8 @@ def trained_tensors(
             (`::rows` / `::index` keys). Without it the full matrix is stored, with a warning.
         base_pipe: the float32 base model; needed for an exact LoRA merge when `pipe`'s frozen weights were
             cast to fp16/bf16 for mixed-precision training (their rounding would otherwise stay in the delta).
+        base_states: instead of `base_pipe`, component -> {name: float32 original} of just the weights the
+            adapters merge into (`ablation.models.read_component_tensors`).
 
     Returns:
         `"<component>.<name>"` -> CPU float32 contiguous copies.
@@ -315,7 +318,7 @@ def trained_tensors(
         if comp not in comps:
             raise KeyError(f"pipeline {type(pipe).__name__} has no component {comp!r}; it has {sorted(comps)}")
         module = comps[comp]
-        base_state = base_comps[comp].state_dict() if comp in base_comps else None
+        base_state = base_comps[comp].state_dict() if comp in base_comps else (base_states or {}).get(comp)
         state = dense_state_dict(module, base=base_state)
         emb_name = _embedding_weight_name(module) if comp.startswith("text_encoder") else None
         aliases = {alias(k): k for k in state}

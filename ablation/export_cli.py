@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ablation import checkpoint
+from ablation.models import torch_dtype
 
 
 class _UsageError(Exception):
@@ -66,7 +67,15 @@ def apply_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--force", action="store_true",
                         help="apply even when the delta records other base weights than --base's")
+    _add_dtype(parser)
     return parser
+
+
+def _add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="pipeline / single-file: load the base in this dtype (no fp32 copy of it first) and "
+                             "write the result in it, the delta's tensors cast to it (default: fp32). A LoRA by SVD "
+                             "always subtracts the fp32 base")
 
 
 def _apply(argv: list[str] | None) -> None:
@@ -78,7 +87,7 @@ def _apply(argv: list[str] | None) -> None:
         raise _UsageError(f"{path} is already a complete pipeline; nothing to apply")
     metadata = checkpoint.read_metadata(path)
     base = _base_of(args.base, metadata, path)
-    pipe = checkpoint.load_ablated_pipeline(base, path, force=args.force)
+    pipe = checkpoint.load_ablated_pipeline(base, path, force=args.force, torch_dtype=torch_dtype(args.dtype))
     if kind == "lora":
         pipe.fuse_lora()  # merge adapters into the weights so the saved pipeline needs no peft
         pipe.unload_lora_weights()
@@ -123,6 +132,7 @@ def export_parser() -> argparse.ArgumentParser:
                         help="upload the run folder (delta, exports, model card; not checkpoints) to this Hub repo")
     parser.add_argument("--hub-token", default=None, help="Hub token (default: the logged-in token, HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    _add_dtype(parser)
     return parser
 
 
@@ -144,7 +154,8 @@ def _export(argv: list[str] | None) -> None:
     tensors, metadata = checkpoint.load_delta(delta_file)
     base = _base_of(args.base, metadata, delta_file)
     if args.format in ("pipeline", "single-file"):
-        pipe = checkpoint.load_ablated_pipeline(base, delta_file, force=args.force)
+        pipe = checkpoint.load_ablated_pipeline(base, delta_file, force=args.force,
+                                                torch_dtype=torch_dtype(args.dtype))
         if args.format == "pipeline":
             checkpoint.save_pipeline(pipe, out, {**metadata, "base_model": base})
         else:
@@ -155,7 +166,7 @@ def _export(argv: list[str] | None) -> None:
         from ablation.models import load_pipeline
 
         rank = args.rank or int(metadata.get("lora_rank", "0") or 0) or 16
-        base_pipe = load_pipeline(base)
+        base_pipe = load_pipeline(base, torch_dtype=torch_dtype(args.dtype))
         checkpoint.check_base(base_pipe, metadata, delta_file, keys=tensors, force=args.force)
         state, error = checkpoint.svd_lora_state(base_pipe, tensors, rank)
         checkpoint.save_lora(base_pipe, out, state, {**metadata, "base_model": base, "lora_rank": str(rank),

@@ -205,6 +205,40 @@ def read_model_configs(model: str, model_config: str | None = None) -> tuple[dic
     return dict(unet), dict(vae)
 
 
+#: precision names of the CLI (`--dtype`, `--mixed-precision`) -> torch dtype names
+DTYPE_NAMES = {"fp32": "float32", "no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    """`fp32` (or `no`, accelerate's word for it), `fp16`, `bf16` -> the torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def read_component_tensors(model_path: str, component: str, names) -> dict:
+    """Only the named tensors of one component of a diffusers folder, read from its safetensors files in float32.
+
+    The exact originals of a few weights (the base of LoRA-trained layers) for a model loaded in fp16/bf16, without
+    loading the component again: safetensors reads tensor by tensor. Returns {} for anything but a diffusers
+    folder (a single-file checkpoint: the caller merges onto the loaded weights); names not found are left out.
+    """
+    import torch
+    from safetensors import safe_open
+
+    folder = Path(model_path) / component
+    if not folder.is_dir():
+        return {}
+    wanted, out = set(names), {}
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if f.name.count(".") == 1 or "-of-" in f.name]  # not a `.fp16.` variant
+    for file in plain or files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in wanted.intersection(f.keys()) - set(out):
+                out[key] = f.get_tensor(key).to(torch.float32)
+    return out
+
+
 def load_pipeline(model: str, torch_dtype=None, *, model_config: str | None = None, **kwargs):
     """Load any diffusers pipeline by id (see `resolve_model`), safetensors only, no remote code.
 

@@ -20,7 +20,9 @@ from ablation import losses
 from ablation.architectures import training_adapter
 from ablation.concepts import common_words
 from ablation.config import EXPORT_KINDS, ConfigError, TrainConfig, learning_rate
+from ablation.data import PRECISIONS
 from ablation.io import atomic_write_text
+from ablation.models import torch_dtype
 from ablation.objective import Objective
 from ablation.planning import RunPlan, plan_run
 from ablation.resume import (
@@ -131,14 +133,38 @@ def _make_optimizer(cfg: TrainConfig, params, lr: float):
 
 
 def _cast_frozen(modules, dtype) -> None:
-    """Frozen weights in the mixed-precision dtype; trained tensors stay fp32 (autocast bridges them)."""
+    """Frozen weights in the mixed-precision dtype (a no-op for a pipeline loaded in it: only a pipeline passed in
+    by the Python API is still fp32 here); trained tensors stay fp32 (`setup_trainable`), as diffusers' training
+    examples keep them: autocast bridges the two, and AdamW's states follow the fp32 tensors."""
     for module in modules:
         for p in module.parameters():
-            if not p.requires_grad:
+            if not p.requires_grad and p.dtype != dtype:
                 p.data = p.data.to(dtype)
 
 
-def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accelerator):
+def _restore_exact(trainable, model_path: str) -> int:
+    """Dense groups of a pipeline loaded in fp16/bf16: the trained tensors start from their exact originals, read
+    tensor by tensor from the model's safetensors files (`read_component_tensors`), so the delta equals an fp32
+    run's. Returns how many tensors were restored (0 for a single-file checkpoint: they stay rounded)."""
+    from ablation.models import read_component_tensors
+
+    restored = 0
+    rows_of = {id(r.rows): r for r in trainable.row_overrides}
+    for comp, params in trainable.parameters.items():
+        names = {k.removesuffix(".rows") for k in params}
+        originals = read_component_tensors(model_path, comp, names)
+        for key, p in params.items():
+            value = originals.get(key.removesuffix(".rows"))
+            if value is not None and id(p) in rows_of:  # embedding group: the target's rows of the matrix
+                value = value[rows_of[id(p)].ids]
+            if value is not None and value.shape == p.shape:
+                with torch.no_grad():
+                    p.copy_(value)
+                restored += 1
+    return restored
+
+
+def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accelerator, model_path: str | None):
     """Trainable group (dense or LoRA), dtypes, optimizer, `accelerator.prepare`, the objective.
 
     The denoiser is the UNet or the SD3/FLUX transformer; its family's adapter (`ablation.architectures`)
@@ -149,7 +175,10 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
 
     adapter = training_adapter(pipe)
     trainable = setup_trainable(pipe, cfg.params, cfg.lora_rank, cfg.lora_alpha, token_ids)
-    # Before the frozen weights are cast and before a resumed state is loaded: the base as the user gave it.
+    if cfg.mixed_precision != "no" and not trainable.lora and model_path:
+        _restore_exact(trainable, model_path)
+    # Before a resumed state is loaded: the base as loaded (in the training dtype: `fingerprints_match` compares
+    # with that dtype's tolerance).
     trainable.base_fingerprint = base_weights_fingerprint(pipe, trainable.param_names)
     unet = adapter.denoiser(pipe)
     teacher_params = None
@@ -164,7 +193,7 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
 
         moment = second_moment(data.embeddings.embeds[data.control_rows]).to(accelerator.device)
         preservation = KVPreservation(unet, None if trainable.lora else trainable.parameters.get("unet", {}), moment)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    weight_dtype = torch_dtype(cfg.mixed_precision)
     _cast_frozen([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -229,7 +258,11 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     device = accelerator.device
 
     phases.mark("start-up")  # planning and accelerate belong to start-up too
-    pipe = (pipe if pipe is not None else load_pipeline(plan.model_path, model_config=cfg.model_config)).to(device)
+    loaded = pipe is None
+    if loaded:  # frozen weights straight in the training dtype: no fp32 copy of any component (FLUX: ~67 GB)
+        pipe = load_pipeline(plan.model_path, torch_dtype=torch_dtype(cfg.mixed_precision),
+                             model_config=cfg.model_config)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     phases.mark("load")
     data, generated = prepare_data(plan, pipe, accelerator)
@@ -252,7 +285,8 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
                 getattr(pipe, name).to("cpu")
     pipe.vae.to("cpu")  # every anchor is a latent by now
 
-    unet, optimizer, trainable, objective, lr = _setup_training(cfg, pipe, data, token_ids, accelerator)
+    unet, optimizer, trainable, objective, lr = _setup_training(cfg, pipe, data, token_ids, accelerator,
+                                                                plan.model_path if loaded else None)
     if accelerator.is_main_process:  # every check has passed: only now replace old results, write config.yaml
         _prepare_output(plan)
 
@@ -356,24 +390,27 @@ def _write_outputs(plan: RunPlan, pipe, trainable, token_ids, step: int, lr: flo
         concepts=[c.to_dict() for c in plan.concepts], params=cfg.params, lora_rank=cfg.lora_rank, steps=step,
         learning_rate=lr, variant=cfg.variant, base_fingerprint=trainable.base_fingerprint,
         extra={"package_version": __version__, "config_hash": plan.config_hash, "teacher": cfg.teacher,
-               "resolution": str(cfg.resolution), "prior_preservation": str(cfg.prior_preservation)})
-    base_pipe = None
-    if cfg.mixed_precision != "no":  # frozen weights were rounded to fp16/bf16: merge and export from the fp32 base
-        from ablation.models import load_pipeline
+               "resolution": str(cfg.resolution), "prior_preservation": str(cfg.prior_preservation),
+               "frozen_dtype": PRECISIONS[cfg.mixed_precision]})
+    # From the run's own weights, never a second (fp32) load of the base. Trained tensors are fp32 and, loaded from
+    # a diffusers folder, started from their exact originals (`_restore_exact`); a LoRA delta merges W + s * B @ A
+    # in fp32 onto W's originals read the same way. Only from a single-file checkpoint under fp16/bf16 do they
+    # start from (dense) or merge onto (LoRA) the rounded weights (docs/paper-parity.md, "Precision").
+    base_states = None
+    if trainable.lora and cfg.mixed_precision != "no":  # the merge's W: the exact originals, read tensor by tensor
+        from ablation.merge import base_name
+        from ablation.models import read_component_tensors
 
-        base_pipe = load_pipeline(plan.model_path, model_config=cfg.model_config)
-    tensors = checkpoint.trained_tensors(pipe, trainable.param_names, embedding_rows=token_ids, base_pipe=base_pipe)
+        base_states = {comp: read_component_tensors(plan.model_path, comp, {base_name(n) for n in names})
+                       for comp, names in trainable.param_names.items()}
+    tensors = checkpoint.trained_tensors(pipe, trainable.param_names, embedding_rows=token_ids,
+                                         base_states=base_states)
     delta = plan.output_dir / checkpoint.DELTA_FILENAME
     checkpoint.save_delta(delta, tensors, metadata)
     exports = []
     if cfg.export:
         lora_state = checkpoint.lora_state_from_pipe(pipe) if trainable.lora else None
-        if base_pipe is None:
-            export_pipe = pipe.to("cpu")
-        else:
-            export_pipe = base_pipe
-            checkpoint.apply_delta(export_pipe, tensors)
-        checkpoint.export_outputs(export_pipe, plan.output_dir, cfg.export, lora_state, metadata)
+        checkpoint.export_outputs(pipe.to("cpu"), plan.output_dir, cfg.export, lora_state, metadata)
         exports = [plan.output_dir / kind for kind in cfg.export]
     from ablation.model_card import write_model_card
 

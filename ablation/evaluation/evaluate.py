@@ -23,6 +23,7 @@ from PIL import Image
 from ablation.evaluation import metrics
 from ablation.evaluation.generate import Job, SamplingSettings, cache_path, generate, jobs_for, jobs_for_total
 from ablation.evaluation.prompts import ConceptTask
+from ablation.models import torch_dtype
 
 logger = logging.getLogger(__name__)
 REPORT_FORMAT = "ablation-eval/1"
@@ -66,7 +67,7 @@ class EvalSettings:
         return jobs_for(prompts, self.samples_per_prompt, self.seed)
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in ("fp32", "fp16", "bf16")}
 
 
 def _fingerprint(path: Path) -> list:
