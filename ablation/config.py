@@ -187,6 +187,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _help("trade compute for UNet activation memory", default=False)
     use_8bit_adam: bool = _help("bitsandbytes AdamW8bit (GPU; the optional extra: pip install -e \".[8bit]\")",
                                 default=False)
+    plan: bool = _help("print the run's memory plan (estimated peak accelerator memory by part, from the configs on "
+                       "the meta device; no weights loaded) and exit", default=False)
+    max_memory: float | None = _help("GB of accelerator memory the run may use: refuse, naming options that fit, "
+                                     "when the memory plan's peak is above it", default=None)
 
     # --- output ---------------------------------------------------------------------------------
     output_dir: str | None = _help("run directory (default: outputs/<target>)", default=None)
@@ -221,7 +225,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
-        for name in ("learning_rate", "lora_alpha"):
+        for name in ("learning_rate", "lora_alpha", "max_memory"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{_flag(name)} must be > 0, got {value}")
@@ -572,6 +576,7 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
 NON_TRAINING_FIELDS = frozenset({
     "output_dir", "overwrite", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
     "export", "report_to", "stop_after_steps", "debug_checksums", "cache_dir", "max_steps", "anchor_batch_size",
+    "plan", "max_memory",
 })
 
 

@@ -30,6 +30,7 @@ class RunPlan:
     output_dir: Path
     resume_dir: Path | None
     config_hash: str
+    family: str = "unet"
 
 
 def _read_model_configs(model_path: str) -> tuple[dict, dict]:
@@ -220,5 +221,34 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
     if _has_results(out) and not resolved.overwrite and resume_dir is None:
         raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite to replace its results "
                           f"or --resume-from-checkpoint latest to continue")
-    return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash)
+    return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash, family)
 
+
+
+def memory_plan(plan: RunPlan, device_type: str):
+    """The run's `ablation.memory.MemoryPlan` on `device_type` (`cuda`: text encoders and VAE offloaded as the
+    trainer does; `cpu`: one memory), or None when the model is not a diffusers folder (a single-file checkpoint)."""
+    from ablation.memory import PlanSettings, plan_memory
+
+    if not (Path(plan.model_path) / "model_index.json").is_file():
+        return None
+    return plan_memory(plan.model_path, PlanSettings.from_config(plan.config, device_type), plan.family)
+
+
+def check_memory(plan: RunPlan, device_type: str) -> None:
+    """`--max-memory GB`: raise ConfigError, naming the options that would fit, when the plan's peak is above it."""
+    from ablation.memory import GB, PlanSettings, fitting_flags
+
+    limit = plan.config.max_memory
+    if limit is None:
+        return
+    mem = memory_plan(plan, device_type)
+    if mem is None:
+        raise ConfigError(f"--max-memory needs a diffusers folder to plan from; {plan.model_path!r} is not one")
+    if mem.peak <= limit * GB:
+        return
+    fit = fitting_flags(plan.model_path, PlanSettings.from_config(plan.config, device_type), plan.family, limit)
+    advice = (f"add {' '.join(fit[0])} (planned {fit[1].peak / GB:.3g} GB)" if fit else
+              "no combination of --gradient-checkpointing, --lora-rank 16, --use-8bit-adam and batch size 1 fits")
+    raise ConfigError(f"the memory plan's peak is {mem.peak / GB:.3g} GB, above --max-memory {limit:g} GB; {advice} "
+                      f"(ablate train --plan shows the parts)")

@@ -168,6 +168,18 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         from ablation.trainer import TrainingError, plan_run, train
 
         plan = plan_run(config)
+        if config.plan or config.max_memory is not None:
+            import torch
+
+            from ablation.planning import check_memory, memory_plan
+
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            if config.plan:
+                mem = memory_plan(plan, device_type)
+                print(mem.table() if mem is not None else f"no memory plan: {plan.model_path} is not a diffusers "
+                      f"folder (the plan builds the model from its config files)")
+                return 0
+            check_memory(plan, device_type)
     except ConfigError as e:
         print(_error(e), file=sys.stderr)
         return 2

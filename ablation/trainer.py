@@ -257,6 +257,13 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     set_seed(cfg.seed)
     device = accelerator.device
 
+    if device.type == "cuda" and accelerator.is_main_process:  # seconds to plan; on the CPU only with --plan
+        from ablation.planning import memory_plan
+
+        mem = memory_plan(plan, "cuda")
+        if mem is not None:
+            logger.info("memory plan: peak %.1f GB per process (%s); ablate train --plan shows the parts",
+                        mem.peak / 2**30, ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem.train.items() if v))
     phases.mark("start-up")  # planning and accelerate belong to start-up too
     loaded = pipe is None
     if loaded:  # frozen weights straight in the training dtype: no fp32 copy of any component (FLUX: ~67 GB)

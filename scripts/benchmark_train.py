@@ -44,40 +44,18 @@ from pathlib import Path
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+from ablation.published import (  # noqa: E402  (the published configs: one source with the planner's)
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SDXL_TEXT,
+    SDXL_TEXT_2,
+    SDXL_UNET,
+    SDXL_VAE,
 )
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32,
-    sample_size=512, act_fn="silu",
-)
-SD15_TEXT = dict(  # openai/clip-vit-large-patch14, text tower
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
-    eos_token_id=49407, pad_token_id=49407,
-)
+
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-# stabilityai/stable-diffusion-xl-base-1.0's published configs (UNet 2.6 B, CLIP-L + OpenCLIP-bigG text towers)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
-    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32, act_fn="silu",
-)
-SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-SDXL_TEXT = {**SD15_TEXT}  # CLIP-L, as SD 1.5's
-SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14, text tower with projection
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406, eos_token_id=49407,
-    pad_token_id=0,
-)
 # The benchmark concept: an instance without prior preservation (the paper's R2D2 -> robot setting).
 TARGET, ANCHOR = "R2D2", "robot"
 

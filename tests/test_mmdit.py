@@ -9,23 +9,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, S
 from ablation import losses
 from ablation.config import ConfigError
 from ablation.params import MMDIT_GROUPS, count_parameters, fused_modules, group_modules, setup_trainable
+from ablation.published import FLUX_DEV, SD35_LARGE, SD35_MEDIUM
 from ablation.testing import tiny_mmdit_pipeline
 
-# transformer/config.json of the published checkpoints (values as published; the hub is unreachable here)
-PUBLISHED = {
-    "sd3.5-medium": (SD3Transformer2DModel, dict(  # stabilityai/stable-diffusion-3.5-medium
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
-    "sd3.5-large": (SD3Transformer2DModel, dict(  # stabilityai/stable-diffusion-3.5-large (no dual attention)
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-        pos_embed_max_size=192, qk_norm="rms_norm")),
-    "flux.1-dev": (FluxTransformer2DModel, dict(  # black-forest-labs/FLUX.1-dev
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=[16, 56, 56])),
-}
+# transformer/config.json of the published checkpoints (ablation.published)
+PUBLISHED = {"sd3.5-medium": (SD3Transformer2DModel, SD35_MEDIUM), "sd3.5-large": (SD3Transformer2DModel, SD35_LARGE),
+             "flux.1-dev": (FluxTransformer2DModel, FLUX_DEV)}
 
 
 def _kv(blocks: int, width: int) -> int:
