@@ -98,3 +98,27 @@ def test_unknown_key_fails(tmp_path):
     bad.write_text((ROOT / "recipes" / "toy" / "grumpy_cat.yaml").read_text() + "learning_rte: 1.0e-4\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         build_config(str(bad))
+
+
+PUBLISHED_IDS = {"stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", "unet"),
+                 "stabilityai/stable-diffusion-3.5-medium": ("sd35-medium", "sd3")}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "24gb").glob("*.yaml")), ids=_rel)
+def test_24gb_recipe_states_its_plan_and_fits(path, tmp_path):
+    """The planned peak in the header is what `--plan` gives from the model's published configs, and <= 22 GB."""
+    import re
+
+    from ablation.memory import GB, PlanSettings, plan_memory
+    from ablation.published import config_folder
+
+    config = build_config(str(path))
+    name, family = PUBLISHED_IDS[config.model]
+    stated = float(re.search(r"Planned peak: ([\d.]+) GB", path.read_text()).group(1))
+    settings = PlanSettings(params=config.params, lora_rank=config.lora_rank, batch_size=config.train_batch_size,
+                            prior_preservation=True, resolution=config.resolution,
+                            mixed_precision=config.mixed_precision,
+                            gradient_checkpointing=config.gradient_checkpointing,
+                            use_8bit_adam=config.use_8bit_adam, anchor_batch_size=config.anchor_batch_size)
+    plan = plan_memory(config_folder(name, tmp_path / name), settings, family)
+    assert plan.peak / GB == pytest.approx(stated, abs=0.06) and stated <= 22
