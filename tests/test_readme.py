@@ -36,6 +36,7 @@ SKIPS = [  # (pattern, reason): the first match decides
     (r"^bash scripts/test\.sh$", "runs this test suite itself"),
     (r"^accelerate config$", "interactive accelerate setup"),
     (r"CompVis/|_sd14\.yaml", "Stable Diffusion 1.4 from the Hugging Face hub (network; a GPU for its size)"),
+    (r"recipes/24gb/", "SDXL / SD3.5 from the Hugging Face hub (network; a GPU for its size)"),
     (r"^ablate demo ", "serves a web page until stopped; tests/test_demo_browser.py drives it"),
 ]
 SLOW = [  # (pattern, reason): run only in the slow suite (as written, full length)
