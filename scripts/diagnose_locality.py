@@ -206,6 +206,41 @@ def run_sweep(work: Path, tower: str, folder: Path, per_concept: int) -> dict:
     return record
 
 
+@torch.no_grad()
+def state_overlap(tower: str, energy: float = 0.99) -> dict:
+    """How much of other prompts' text states lies where a K/V edit of the target acts.
+
+    A cross-attention K/V update trained on the target's prompts changes W by sums of outer products with the
+    target's token states, so it moves another prompt's keys and values by about the part of that prompt's states
+    inside the target states' span. Returns the mean fraction of state energy (||P s||^2 / ||s||^2 over tokens) of
+    the held-out prompts of every concept outside the grumpy-cat family, P the projector on the subspace holding
+    `energy` of the grumpy-cat prompts' token states, and that subspace's dimension.
+    """
+    from ablation.toyworld import catalog
+
+    cat = catalog()
+    text = text_tower(tower)
+    fam = cat.family_of_target("grumpy cat")
+
+    def states(prompts):
+        return tw.text_hidden(text, tw.tokenize(list(prompts)), torch.device("cpu")).flatten(0, 1)
+
+    prompts = list(fam.prompts_for("grumpy cat", "train"))
+    target = states(prompts)
+    # what the edit must change: the target prompts' states minus those of the same prompts with the anchor
+    difference = target - states([p.replace("grumpy cat", "cat") for p in prompts])
+    controls = [states(family.prompts_for(c, "heldout")) for family in cat.families.values() for c in family.classes
+                if c not in fam.classes]
+    out = {"tower": tower, "width": text.config.hidden_size}
+    for name, rows in (("target", target), ("difference", difference)):
+        _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+        k = int((s.pow(2).cumsum(0) / s.pow(2).sum() < energy).sum()) + 1
+        basis = vh[:k]
+        fractions = [float(((c @ basis.T).pow(2).sum(1) / c.pow(2).sum(1)).mean()) for c in controls]
+        out |= {f"{name}_dim": k, f"{name}_overlap": round(sum(fractions) / len(fractions), 4)}
+    return out
+
+
 def text_tower_width(folder: Path) -> int:
     return json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
 
@@ -261,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--num-images", type=int, default=30_000)
     parser.add_argument("--per-concept", type=int, default=16, help="held-out images per concept in the sweep")
+    parser.add_argument("--overlap", action="store_true",
+                        help="print each tower's state overlap (`state_overlap`; seconds, no training) and exit")
     parser.add_argument("--report", nargs="?", const="", default=None, metavar="PLOT",
                         help="print the table of results.jsonl (and write the plot to PLOT) instead of running")
     args = parser.parse_args(argv)
@@ -268,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     for t in towers:
         if t != "shipped" and not (t.isdigit() and int(t) % 16 == 0):
             parser.error(f"--towers: {t!r} is neither 'shipped' nor a width divisible by 16")
+    if args.overlap:
+        for tower in towers:
+            print(json.dumps(state_overlap(tower)), flush=True)
+        return 0
     if args.report is not None:
         report(args.work, Path(args.report) if args.report else None)
         return 0
