@@ -26,9 +26,54 @@ from torch import nn
 
 from ablation import losses
 from ablation.config import ConfigError
-from ablation.data import PromptEmbeddings
 
 FLOW_SAMPLERS = ("euler", "flow-euler")  # the pipeline's own FlowMatchEulerDiscreteScheduler
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning of a list of prompts: `embeds` [N, L, D] and, for SDXL, `pooled` [N, P]."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> PromptEmbeddings:
+        """Rows `index` (a batch)."""
+        return PromptEmbeddings(self.embeds[index], None if self.pooled is None else self.pooled[index])
+
+    def to(self, device, dtype=None) -> PromptEmbeddings:
+        """Moved (and optionally cast) copy."""
+        return PromptEmbeddings(self.embeds.to(device, dtype),
+                                None if self.pooled is None else self.pooled.to(device, dtype))
+
+
+def is_sdxl(pipe) -> bool:
+    """Two text encoders and pooled embeddings."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def encode_prompts(pipe, prompts: list[str], device, batch_size: int = 64) -> PromptEmbeddings:
+    """Encode prompts with the pipeline's own `encode_prompt` (no classifier-free guidance).
+
+    Gradients flow when the caller has not disabled them (the `embedding` group trains through it).
+    """
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        if is_sdxl(pipe):
+            e, _, p, _ = pipe.encode_prompt(prompt=chunk, device=device, num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)
+            pooled.append(p)
+        else:
+            e, _ = pipe.encode_prompt(chunk, device, 1, False)
+        embeds.append(e)
+    return PromptEmbeddings(torch.cat(embeds), torch.cat(pooled) if pooled else None)
+
+
+def sdxl_time_ids(resolution: int, batch: int, device, dtype) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left (0, 0), target size."""
+    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype)
+    return ids.expand(batch, 6)
 
 
 @dataclass
@@ -143,8 +188,6 @@ class UNetArchitecture(Architecture):
         return DDPMScheduler.from_config(pipe.scheduler.config)
 
     def encode_prompts(self, pipe, prompts, device, batch_size=64):
-        from ablation.data import encode_prompts
-
         return encode_prompts(pipe, prompts, device, batch_size)
 
     def noisy_and_target(self, scheduler, latents, noise, generator):
@@ -154,8 +197,6 @@ class UNetArchitecture(Architecture):
         return scheduler.add_noise(latents, noise, t), t, losses.regression_target(scheduler, latents, noise, t)
 
     def predict(self, model, noisy, timesteps, cond):
-        from ablation.data import sdxl_time_ids
-
         kwargs = {}
         if cond.pooled is not None:  # SDXL: pooled text embeddings and size/crop ids of a square image
             # The image side in pixels; the latents are 1/vae_scale_factor of it.

@@ -36,6 +36,8 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+# prompt encoding lives with the architecture adapters; its names stay importable from here
+from ablation.architectures import PromptEmbeddings, encode_prompts, is_sdxl, sdxl_time_ids, training_adapter  # noqa: F401
 from ablation.config import ConfigError
 from ablation.io import atomic_write_bytes, atomic_write_text
 
@@ -190,8 +192,6 @@ class AnchorSet:
 
 def _architecture(pipe):
     """The pipeline's adapter (`ablation.architectures.training_adapter`): UNet, SD3 or FLUX."""
-    from ablation.architectures import training_adapter
-
     return training_adapter(pipe)
 
 
@@ -953,49 +953,3 @@ def image_anchor_latents(vae, source: str | Path, num_prompts: int, count: int, 
 # --------------------------------------------------------------------------------------------------
 # prompt embeddings
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptEmbeddings:
-    """Text conditioning of a list of prompts: `embeds` [N, L, D] and, for SDXL, `pooled` [N, P]."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def select(self, index: torch.Tensor) -> PromptEmbeddings:
-        """Rows `index` (a batch)."""
-        return PromptEmbeddings(self.embeds[index], None if self.pooled is None else self.pooled[index])
-
-    def to(self, device, dtype=None) -> PromptEmbeddings:
-        """Moved (and optionally cast) copy."""
-        return PromptEmbeddings(self.embeds.to(device, dtype),
-                                None if self.pooled is None else self.pooled.to(device, dtype))
-
-
-def is_sdxl(pipe) -> bool:
-    """Two text encoders and pooled embeddings."""
-    return getattr(pipe, "text_encoder_2", None) is not None
-
-
-def encode_prompts(pipe, prompts: list[str], device, batch_size: int = 64) -> PromptEmbeddings:
-    """Encode prompts with the pipeline's own `encode_prompt` (no classifier-free guidance).
-
-    Gradients flow when the caller has not disabled them (the `embedding` group trains through it).
-    """
-    embeds, pooled = [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        if is_sdxl(pipe):
-            e, _, p, _ = pipe.encode_prompt(prompt=chunk, device=device, num_images_per_prompt=1,
-                                            do_classifier_free_guidance=False)
-            pooled.append(p)
-        else:
-            e, _ = pipe.encode_prompt(chunk, device, 1, False)
-        embeds.append(e)
-    return PromptEmbeddings(torch.cat(embeds), torch.cat(pooled) if pooled else None)
-
-
-def sdxl_time_ids(resolution: int, batch: int, device, dtype) -> torch.Tensor:
-    """SDXL micro-conditioning: original size, crop top-left (0, 0), target size."""
-    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype)
-    return ids.expand(batch, 6)

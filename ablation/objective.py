@@ -190,12 +190,12 @@ class Objective:
 
 
     def _robust_loss(self, batch: Batch, teacher: torch.Tensor) -> torch.Tensor:
-        """Ablation loss on adversarial target conditioning found by a few ascent steps (ablation/attacks/robust.py).
+        """Ablation loss on adversarial target conditioning found by a few ascent steps (ablation/adversary.py).
 
         Works on the UNet's text conditioning: the attack that moves it (`prefix`, `inversion` or new wordings)
         is what the plain ablation leaves open.
         """
-        from ablation.attacks.robust import adversarial_target_embeddings, target_positions
+        from ablation.adversary import adversarial_target_embeddings, target_positions
 
         cfg = self.cfg
         if cfg.robust_adversary == "persistent":
@@ -230,7 +230,7 @@ class Objective:
         attacker's prefix would (AdvUnlearn keeps its adversarial prompt the same way). The model then learns to
         map c* + delta to the anchor's prediction.
         """
-        from ablation.attacks.robust import project_per_token
+        from ablation.adversary import project_per_token
 
         cfg = self.cfg
         target = batch.target_cond
@@ -263,8 +263,7 @@ class Objective:
         --robust-steps signed-gradient steps per use towards what the original model predicts for the plain target
         prompt; the model then learns to map the prefixed prompts to the anchor.
         """
-        from ablation.attacks.common import encode, placeholder_id, token_overrides
-        from ablation.attacks.prefix import DEFAULT_TOKENS, prefixed
+        from ablation.adversary import DEFAULT_TOKENS, encode, placeholder_id, prefixed, token_overrides
 
         cfg, pipe = self.cfg, self.pipe
         texts = [prefixed(self.data.prompts[int(r)], DEFAULT_TOKENS) for r in batch.target_rows]

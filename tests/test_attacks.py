@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from ablation.adversary import target_positions
 from ablation.attacks import ATTACKS, AttackSettings, adversarial_target_embeddings, run_attacks
 from ablation.attacks.common import PLACEHOLDER, placeholder_id, replace_name, token_overrides
 from ablation.attacks.prompts import CATEGORIES, attack_prompts, prompt_sets
-from ablation.attacks.robust import target_positions
 from ablation.checkpoint import make_metadata, pipeline_config_hash, save_delta
 from ablation.cli import main
 from ablation.evaluation.clip_judge import ClipJudge

@@ -5,10 +5,10 @@
 * `prefix`: UnlearnDiffAtk-style prefix embeddings optimised through the ablated UNet;
 * `inversion`: textual inversion through the ablated model (Pham et al. 2023);
 * `relearn`: fine-tuning the ablated group on a few target images (concept resurgence);
-* `robust`: the building block of a robust ablation (adversarial target embeddings for the trainer).
+The robust-training adversary the trainer uses is `ablation.adversary` (re-exported here).
 """
 
+from ablation.adversary import AdversarialEmbeddings, adversarial_target_embeddings
 from ablation.attacks.cli import ATTACKS, AttackSettings, run_attacks
-from ablation.attacks.robust import AdversarialEmbeddings, adversarial_target_embeddings
 
 __all__ = ["ATTACKS", "AttackSettings", "run_attacks", "AdversarialEmbeddings", "adversarial_target_embeddings"]

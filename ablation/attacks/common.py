@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ablation.adversary import PLACEHOLDER, encode, placeholder_id, token_overrides  # noqa: F401 (the attacks' API)
 from ablation.config import ConfigError
 from ablation.evaluation.generate import Job, SamplingSettings, generate
 
-#: an existing, rare single token of the CLIP vocabulary used as the learned token's slot
-PLACEHOLDER = "sks"
 #: images of the attack's references are seeded from here on, far from the evaluation seeds
 REFERENCE_SEED_OFFSET = 10_000_000
 
@@ -78,51 +77,6 @@ def check_single_encoder(pipe, attack: str) -> None:
     """Embedding attacks drive one CLIP text encoder; SDXL's two are not supported yet."""
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ConfigError(f"attack {attack!r} supports one text encoder (SD 1.x / 2.x), not SDXL")
-
-
-def placeholder_id(tokenizer, word: str = PLACEHOLDER) -> int:
-    """The token id of the placeholder word (must be a single token)."""
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ConfigError(f"placeholder {word!r} is {len(ids)} tokens in this tokenizer; need exactly one")
-    return ids[0]
-
-
-@contextlib.contextmanager
-def token_overrides(text_encoder, token_id: int, vectors: torch.Tensor) -> Iterator[None]:
-    """Replace the embedding of `token_id` by learned vectors while active (differentiable).
-
-    The i-th occurrence of the token in a prompt gets `vectors[i]` (the last row for any further
-    occurrence), so one vector implements textual inversion and k vectors a k-token prefix.
-
-    Args:
-        text_encoder: a CLIP text model (`get_input_embeddings()` is hooked).
-        token_id: the placeholder's id.
-        vectors: `[k, D]` embeddings, typically a leaf tensor with `requires_grad`.
-    """
-    layer = text_encoder.get_input_embeddings()
-
-    def hook(_module, args, output):
-        ids = args[0]
-        mask = ids == token_id
-        if not bool(mask.any()):
-            return output
-        occurrence = (mask.long().cumsum(-1) - 1).clamp(0, vectors.shape[0] - 1)
-        learned = vectors.to(output.device, output.dtype)[occurrence]
-        return torch.where(mask[..., None], learned, output)
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def encode(pipe, prompts: Sequence[str], device=None) -> torch.Tensor:
-    """`[N, L, D]` text-encoder hidden states as the UNet sees them (gradients flow if enabled)."""
-    device = device or pipe.unet.device
-    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
-    return embeds
 
 
 def noise_scheduler(pipe):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ablation.adversary import DEFAULT_TOKENS, prefixed  # noqa: F401 (re-exported: the attack's names)
 from ablation.attacks.common import (
-    PLACEHOLDER,
     AttackContext,
     Cost,
     Item,
@@ -27,13 +27,6 @@ from ablation.attacks.common import (
     placeholder_id,
     token_overrides,
 )
-
-DEFAULT_TOKENS = 5
-
-
-def prefixed(prompt: str, k: int) -> str:
-    """`sks sks ... prompt`: k placeholder slots in front of the prompt."""
-    return " ".join([PLACEHOLDER] * k + [prompt])
 
 
 def nearest_tokens(pipe, vectors: torch.Tensor) -> list[str]:

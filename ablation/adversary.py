@@ -1,4 +1,8 @@
-"""The building block of a robust ablation: adversarial target-prompt embeddings found by a few inner steps.
+"""The robust-training adversary (`--robust`): adversarial target-prompt embeddings found by a few inner steps,
+and the learned-token slots the prefix adversary and the attacks share.
+
+It lives beside the trainer, not in `ablation.attacks`: training must not import the attack programs (which
+import evaluation); the attacks import these building blocks from here.
 
 AdvUnlearn (Zhang et al. 2024), Receler (Huang et al. 2023) and AdvAnchor harden an erasure by training
 on prompts an attacker would use. Here the attacker is a projected-gradient ascent on the *target
@@ -30,10 +34,71 @@ backward passes on the batch (`adv.unet_forward`, `adv.unet_backward`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ablation.config import ConfigError
+
+#: an existing, rare single token of the CLIP vocabulary used as the learned token's slot
+PLACEHOLDER = "sks"
+#: learned prefix tokens of the `prefix` adversary and attack (UnlearnDiffAtk uses 5)
+DEFAULT_TOKENS = 5
+
+
+def prefixed(prompt: str, k: int) -> str:
+    """`sks sks ... prompt`: k placeholder slots in front of the prompt."""
+    return " ".join([PLACEHOLDER] * k + [prompt])
+
+
+def placeholder_id(tokenizer, word: str = PLACEHOLDER) -> int:
+    """The token id of the placeholder word (must be a single token)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ConfigError(f"placeholder {word!r} is {len(ids)} tokens in this tokenizer; need exactly one")
+    return ids[0]
+
+
+@contextlib.contextmanager
+def token_overrides(text_encoder, token_id: int, vectors: torch.Tensor) -> Iterator[None]:
+    """Replace the embedding of `token_id` by learned vectors while active (differentiable).
+
+    The i-th occurrence of the token in a prompt gets `vectors[i]` (the last row for any further
+    occurrence), so one vector implements textual inversion and k vectors a k-token prefix.
+
+    Args:
+        text_encoder: a CLIP text model (`get_input_embeddings()` is hooked).
+        token_id: the placeholder's id.
+        vectors: `[k, D]` embeddings, typically a leaf tensor with `requires_grad`.
+    """
+    layer = text_encoder.get_input_embeddings()
+
+    def hook(_module, args, output):
+        ids = args[0]
+        mask = ids == token_id
+        if not bool(mask.any()):
+            return output
+        occurrence = (mask.long().cumsum(-1) - 1).clamp(0, vectors.shape[0] - 1)
+        learned = vectors.to(output.device, output.dtype)[occurrence]
+        return torch.where(mask[..., None], learned, output)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode(pipe, prompts: Sequence[str], device=None) -> torch.Tensor:
+    """`[N, L, D]` text-encoder hidden states as the UNet sees them (gradients flow if enabled)."""
+    device = device or pipe.unet.device
+    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
+    return embeds
+
+
 
 
 @dataclass
