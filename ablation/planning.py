@@ -230,9 +230,25 @@ def memory_plan(plan: RunPlan, device_type: str):
     trainer does; `cpu`: one memory), or None when the model is not a diffusers folder (a single-file checkpoint)."""
     from ablation.memory import PlanSettings, plan_memory
 
-    if not (Path(plan.model_path) / "model_index.json").is_file():
+    folder = _config_folder(plan.model_path)
+    if folder is None:
         return None
-    return plan_memory(plan.model_path, PlanSettings.from_config(plan.config, device_type), plan.family)
+    return plan_memory(folder, PlanSettings.from_config(plan.config, device_type), plan.family)
+
+
+def _config_folder(model_path: str) -> str | None:
+    """A local diffusers folder with the model's config files: the model itself, or for a hub id its `*.json`
+    files only (what `from_pretrained` reads first anyway); None for a single file or when the hub is unreachable."""
+    if (Path(model_path) / "model_index.json").is_file():
+        return model_path
+    if Path(model_path).exists():  # a single file, or a folder that is not a diffusers pipeline
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_path, allow_patterns=["*.json"])
+    except Exception:  # offline, unknown id, no access: no plan, the run itself reports the real problem
+        return None
 
 
 def check_memory(plan: RunPlan, device_type: str) -> None:
@@ -244,7 +260,9 @@ def check_memory(plan: RunPlan, device_type: str) -> None:
         return
     mem = memory_plan(plan, device_type)
     if mem is None:
-        raise ConfigError(f"--max-memory needs a diffusers folder to plan from; {plan.model_path!r} is not one")
+        raise ConfigError(f"--max-memory needs the model's config files to plan from, and {plan.model_path!r} gives "
+                          f"none (a single file, or a hub id the hub cannot serve now); pass a diffusers folder or "
+                          f"drop --max-memory")
     if mem.peak <= limit * GB:
         return
     fit = fitting_flags(plan.model_path, PlanSettings.from_config(plan.config, device_type), plan.family, limit)

@@ -260,7 +260,11 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     if device.type == "cuda" and accelerator.is_main_process:  # seconds to plan; on the CPU only with --plan
         from ablation.planning import memory_plan
 
-        mem = memory_plan(plan, "cuda")
+        try:
+            mem = memory_plan(plan, "cuda")
+        except Exception as e:  # the plan informs; it must never stop a run that can go ahead
+            mem = None
+            logger.info("no memory plan for this model (%s: %s)", type(e).__name__, e)
         if mem is not None:
             logger.info("memory plan: peak %.1f GB per process (%s); ablate train --plan shows the parts",
                         mem.peak / 2**30, ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem.train.items() if v))
