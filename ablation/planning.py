@@ -218,7 +218,8 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
                 raise ConfigError(f"checkpoint {resume_dir} was saved by {saved} process(es) but this run has {world}; "
                                   f"the batch order and data shards depend on it, so resume with "
                                   f"`accelerate launch --num_processes {saved}` or start a new --output-dir")
-    if _has_results(out) and not resolved.overwrite and resume_dir is None:
+    # (--plan only prints: a finished run in the folder is no reason to refuse it)
+    if _has_results(out) and not resolved.overwrite and resume_dir is None and not resolved.plan:
         raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite to replace its results "
                           f"or --resume-from-checkpoint latest to continue")
     return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash, family)

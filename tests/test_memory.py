@@ -96,3 +96,12 @@ def test_cli_max_memory_refuses_naming_the_options_that_fit(model_dir, tmp_path,
     assert err.count("\n") == 0 and err.startswith("error: the memory plan's peak is")
     assert "add --lora-rank 16 --gradient-checkpointing" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_plan_does_not_mind_a_finished_run_in_the_output_dir(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "delta.safetensors").write_bytes(b"x")  # a previous run's results: --plan reads and writes nothing there
+    assert main(["--model", model_dir, "--target", "Grumpy Cat", "--anchor", "Cat", "--resolution", "32",
+                 "--output-dir", str(out), "--plan"]) == 0
+    assert "peak:" in capsys.readouterr().out and sorted(p.name for p in out.iterdir()) == ["delta.safetensors"]
