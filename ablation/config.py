@@ -27,6 +27,8 @@ ConceptType = Literal["instance", "style", "memorization", "nudity"]
 Variant = Literal["model-based", "image-based"]
 ParamGroup = Literal["cross-attn", "attn", "full", "embedding", "text-kv+embedders"]
 Sampler = Literal["ddim", "dpm++", "euler", "ddpm", "pndm"]
+#: precision names (`--mixed-precision`, `--dtype`; accelerate's `no` is fp32) -> the name the project prints
+PRECISIONS = {"no": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 #: classifier-free guidance of the paper's sampling (anchors and evaluation, docs/method.md): every default uses it
 GUIDANCE = 6.0
 #: sampler name -> diffusers scheduler class: the one table of anchors, `ablate eval / generate / attack` and the demo

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 # prompt encoding lives with the architecture adapters; its names stay importable from here
 from ablation.architectures import PromptEmbeddings, encode_prompts, is_sdxl, sdxl_time_ids, training_adapter  # noqa: F401
-from ablation.config import ConfigError
+from ablation.config import PRECISIONS, ConfigError
 from ablation.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ def _one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-PRECISIONS = {"no": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
 @dataclass(frozen=True)

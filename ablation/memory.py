@@ -31,6 +31,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from ablation.config import PRECISIONS
+
 GB = 1024**3
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -144,9 +146,8 @@ def meta_components(model_path: str | Path, device: str = "meta") -> tuple[str, 
     return index["_class_name"], modules, lengths
 
 
-def _bytes(params, dtype: torch.dtype | None = None) -> int:
-    return sum(p.numel() * (p.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size())
-               for p in params)
+def _bytes(params, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in params) * dtype.itemsize
 
 
 def _inputs(family: str, denoiser, batch: int, resolution: int, text_len: int, dtype, vae_factor: int):
@@ -339,7 +340,7 @@ def plan_memory(model_path: str | Path, settings: PlanSettings, family: str, vae
                    f"sampler activations (batch {settings.anchor_batch_size} x 2 for guidance)":
                        _step_peak(sampler_step, denoiser)}
     return MemoryPlan(train=train, anchors=anchors, notes=notes, settings={
-        "dtype": {"no": "fp32"}.get(settings.mixed_precision, settings.mixed_precision), "group": settings.params,
+        "dtype": PRECISIONS[settings.mixed_precision], "group": settings.params,
         "LoRA rank": settings.lora_rank, "batch": rows, "resolution": settings.resolution,
         "checkpointing": settings.gradient_checkpointing, "8-bit Adam": settings.use_8bit_adam})
 

@@ -205,15 +205,13 @@ def read_model_configs(model: str, model_config: str | None = None) -> tuple[dic
     return dict(unet), dict(vae)
 
 
-#: precision names of the CLI (`--dtype`, `--mixed-precision`) -> torch dtype names
-DTYPE_NAMES = {"fp32": "float32", "no": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def torch_dtype(name: str):
-    """`fp32` (or `no`, accelerate's word for it), `fp16`, `bf16` -> the torch dtype."""
+    """`fp32` (or `no`, accelerate's word for it), `fp16`, `bf16` (`config.PRECISIONS`) -> the torch dtype."""
     import torch
 
-    return getattr(torch, DTYPE_NAMES[name])
+    from ablation.config import PRECISIONS
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[PRECISIONS[name]]
 
 
 def read_component_tensors(model_path: str, component: str, names) -> dict:

@@ -19,8 +19,7 @@ import torch
 from ablation import losses
 from ablation.architectures import training_adapter
 from ablation.concepts import common_words
-from ablation.config import EXPORT_KINDS, ConfigError, TrainConfig, learning_rate
-from ablation.data import PRECISIONS
+from ablation.config import EXPORT_KINDS, PRECISIONS, ConfigError, TrainConfig, learning_rate
 from ablation.io import atomic_write_text
 from ablation.models import torch_dtype
 from ablation.objective import Objective
