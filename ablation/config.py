@@ -114,8 +114,8 @@ class TrainConfig:
     prior_weight: float | None = _help("weight lambda of the prior-preservation loss", default=None)
     preserve_weight: float | None = _help(
         "weight of the control-prompt penalty: how much the trained text key/value projections may change the "
-        "tokens of prompts outside the ablated families (ablation/preserve.py; an addition to the paper, 0 = off; "
-        "default: on for the toy model's cross-attention runs, off in the paper setting)", default=None)
+        "tokens of prompts outside the ablated families (ablation/preserve.py; an addition to the paper, 0 = off, the "
+        "default: on the toy model it traded removal for locality, docs/paper-parity.md)", default=None)
 
     robust: bool = _help(
         "harden the ablation against the attacks of `ablate attack`: on every --robust-every-th step, a few ascent "
@@ -448,36 +448,39 @@ PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor
                                     anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=GUIDANCE)
 
 #: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
-#: anchor generation included, must fit in a few CPU minutes. Tuned on the toy model (docs/paper-parity.md,
-#: `scripts/fidelity_sweep.py`, all 31 concepts judged): instances and styles train the target's own token rows
-#: (`embedding`). With cross-attn, every setting tried that removed grumpy cat also changed concepts of
-#: other families (lr 1e-4: 5.3% of control images changed class, c-3po 1.00 -> 0.62; lr 5e-5: 7.2%; teacher
-#: `same`: 5.3%; the control-prompt penalty at weight 100: 3.9% with the target only half removed, at 1000: no
-#: ablation), because the toy text encoder is 64 wide and its token states are entangled; the embedding group
-#: removes the target (0.00) with no control image changed. It retrains rows shared with every prompt using the
-#: same words (e.g. "van" of Van Gogh), which the run warns about.
+#: anchor generation included, must fit in a few CPU seconds. Instances and styles train the paper's group, the
+#: cross-attention key/value projections, model-based, with prior preservation for instances; the rate and steps
+#: were tuned on the toy model with `scripts/fidelity_sweep.py` (all 31 concepts, both toy judges;
+#: docs/paper-parity.md, "The toy defaults"). The target's token rows (`--params embedding`) remain an option:
+#: they leave every other concept untouched but every embedding attack reverses them (docs/robustness.md).
+TOY_INSTANCE_LR, TOY_INSTANCE_STEPS = 6e-4, 50
+TOY_STYLE_LR, TOY_STYLE_STEPS = 6e-4, 100
 TOY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "instance": dict(params="embedding", learning_rate=2e-2, max_steps=40, train_batch_size=8, hflip=False,
-                     augment=False),
-    "style": dict(params="embedding", learning_rate=2e-2, max_steps=40, train_batch_size=8, hflip=True,
-                  augment=False),
+    "instance": dict(params="cross-attn", learning_rate=TOY_INSTANCE_LR, max_steps=TOY_INSTANCE_STEPS,
+                     train_batch_size=8, hflip=False, augment=False),
+    "style": dict(params="cross-attn", learning_rate=TOY_STYLE_LR, max_steps=TOY_STYLE_STEPS, train_batch_size=8,
+                  hflip=True, augment=False),
     "nudity": dict(params="attn", learning_rate=3e-4, max_steps=200, train_batch_size=8, hflip=False, augment=False),
     "memorization": dict(params="full", learning_rate=1e-4, max_steps=200, train_batch_size=8, hflip=False,
                          augment=False),
 }
-#: the toy rate of a group the user chose (a rate tuned for token rows would wreck a UNet group)
-TOY_GROUP_LR: dict[str, float] = {"embedding": 2e-2, "cross-attn": 1e-4, "attn": 3e-4, "full": 1e-4}
-#: 16 anchors sampled in 10 DDIM steps and 40 steps at 2e-2: the same quality as 128 anchors x 25 steps and 200
-#: steps at 1e-2 (grumpy cat and van gogh -> 0.00, every other concept unchanged), in a fraction of the time.
-#: Grumpy cat and van gogh are gone after 5-20 steps; 40 is for nemo, the slowest target (CLIP 0.25 at 30 steps,
-#: 0.06 at 40 on 16 images, 0.00 at 60; docs/performance.md).
+#: rate and steps of a group the user chose instead of the concept type's (a rate tuned for token rows would wreck
+#: a UNet group). The embedding group: 40 steps at 2e-2 removed every toy target (nemo, the slowest, CLIP 0.25 at
+#: 30 steps, 0.06 at 40, 0.00 at 60; docs/performance.md).
+TOY_GROUP: dict[str, dict[str, Any]] = {
+    "embedding": dict(learning_rate=2e-2, max_steps=40),
+    "cross-attn": dict(learning_rate=TOY_INSTANCE_LR, max_steps=TOY_INSTANCE_STEPS),
+    "attn": dict(learning_rate=3e-4),
+    "full": dict(learning_rate=1e-4),
+}
+#: LoRA on a toy UNet group (`--lora-rank N`): the adapter's rate (dense rates are far too small for it)
+TOY_LORA_LR = 1e-3
 #: embedding group, several concepts in one run: 60 steps were measured as good as 80-120 for 5 and 8 concepts
 #: (every target 0.00 by the toy classifier, nothing else changed; docs/performance.md)
 TOY_MULTI_CONCEPT_STEPS = 60
-TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=16, teacher="frozen",
+TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=32, teacher="frozen",
                                   preserve_weight=0.0,
                                   anchor_scheduler="ddim", anchor_steps=10, anchor_guidance=GUIDANCE)
-
 
 #: SD3 / SD3.5 / FLUX (docs/mmdit.md), overlaid on the paper's table: these models do not fit next to a dense
 #: teacher copy, so LoRA (rank 16) on the group is the default and the teacher is the same transformer with its
@@ -546,10 +549,13 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
     defaults.update(prior_preservation=prior_preservation, resolution=native_resolution, lora_rank=lora_rank,
                     lora_alpha=float(lora_rank) or None,
                     cache_dir=os.environ.get("ABLATION_CACHE") or DEFAULT_CACHE_DIR)
-    if toy and defaults.get("params") == "embedding" and config.params in (None, "embedding"):
+    if toy and family not in MMDIT_DEFAULTS:
+        if config.params in TOY_GROUP and config.params != defaults["params"]:
+            defaults.update(TOY_GROUP[config.params])
+        if lora_rank and (config.params or defaults["params"]) != "embedding":
+            defaults["learning_rate"] = TOY_LORA_LR
+    if toy and (config.params or defaults["params"]) == "embedding":
         defaults["max_steps"] = max(defaults["max_steps"], TOY_MULTI_CONCEPT_STEPS if len(concept_types) > 1 else 0)
-    if toy and config.params in TOY_GROUP_LR and family not in MMDIT_DEFAULTS:
-        defaults["learning_rate"] = TOY_GROUP_LR[config.params]
     if config.params == "embedding" or (config.params is None and defaults.get("params") == "embedding"):
         # The anchor prompts do not contain the trained token rows, so the prior term would have no gradient.
         defaults["prior_preservation"] = False

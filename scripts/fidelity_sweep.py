@@ -8,6 +8,9 @@ control images (concepts outside the target's family) whose judged concept chang
 
     python scripts/fidelity_sweep.py --target "grumpy cat" --anchor cat --per-concept 8 \\
         --sweep '{}' '{"augment": true, "hflip": true}' '{"learning_rate": 5e-5}'
+    python scripts/fidelity_sweep.py --target "grumpy cat" nemo --anchor cat fish --per-concept 32   # the defaults
+
+Several `--target` / `--anchor` pairs (in order) share the base model's images; each record names its pair.
 
 Judges: the toy CLIP (31-way argmax over the concepts' judge texts) and, when shipped, the toy classifier.
 """
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 
 def concept_prompts(per_concept: int) -> dict[str, list[str]]:
@@ -109,52 +113,59 @@ def summarise(base: dict, ablated: dict, family_concepts: set[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy", help="toy or toy-sd3")
-    parser.add_argument("--target", default="grumpy cat")
-    parser.add_argument("--anchor", default="cat")
+    parser.add_argument("--target", nargs="+", default=["grumpy cat"], help="target(s), paired with --anchor")
+    parser.add_argument("--anchor", nargs="+", default=["cat"])
     parser.add_argument("--per-concept", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=6.0)
     parser.add_argument("--sweep", nargs="+", default=["{}"], help="JSON objects of ablate-train options")
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file too")
     args = parser.parse_args(argv)
+    if len(args.target) != len(args.anchor):
+        parser.error("give one --anchor per --target")
 
     from ablation.config import build_config
     from ablation.models import load_pipeline
     from ablation.toyworld import catalog
     from ablation.trainer import train
 
-    fam = catalog().family_of_target(args.target)
-    family_concepts = set(fam.classes)
     prompts = concept_prompts(args.per_concept)
     judges = Judges()
     base_pipe = load_pipeline(args.model)
     base_images = generate(base_pipe, prompts, args.steps, args.guidance)
     base_labels = judges.judge(base_images)
-    base_pair = judges.pairwise(base_images[fam.target], fam.target, fam.anchor)
-    for spec in args.sweep:
-        options = json.loads(spec)
-        with tempfile.TemporaryDirectory() as tmp:
-            # a fresh anchor cache per configuration: train_seconds include making the anchors
-            config = build_config(None, {"target": [args.target], "anchor": [args.anchor], "model": args.model,
-                                         "output_dir": str(Path(tmp) / "run"), "checkpointing_steps": 0,
-                                         "cache_dir": str(Path(tmp) / "cache"), **options})
-            start = time.perf_counter()
-            result = train(config, pipe=copy.deepcopy(base_pipe))
-            seconds = time.perf_counter() - start
-        pipe = result.pipeline
-        for name in ("text_encoder", "text_encoder_2", "vae"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).to("cpu")
-        images = generate(pipe, prompts, args.steps, args.guidance)
-        record = {"options": options, "train_seconds": round(seconds, 1), "phase_seconds": result.phase_seconds,
-                  "target_pairwise": [round(base_pair, 3),
-                                      round(judges.pairwise(images[fam.target], fam.target, fam.anchor), 3)],
-                  **summarise(base_labels, judges.judge(images), family_concepts)}
-        line = json.dumps(record)
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
+    for target, anchor in zip(args.target, args.anchor, strict=True):
+        fam = catalog().family_of_target(target)
+        base_pair = judges.pairwise(base_images[fam.target], fam.target, fam.anchor)
+        for spec in args.sweep:
+            options = json.loads(spec)
+            with tempfile.TemporaryDirectory() as tmp:
+                # a fresh anchor cache per configuration: train_seconds include making the anchors
+                config = build_config(None, {"target": [target], "anchor": [anchor], "model": args.model,
+                                             "output_dir": str(Path(tmp) / "run"), "checkpointing_steps": 0,
+                                             "cache_dir": str(Path(tmp) / "cache"), **options})
+                start = time.perf_counter()
+                result = train(config, pipe=copy.deepcopy(base_pipe))
+                seconds = time.perf_counter() - start
+                written = yaml.safe_load((Path(tmp) / "run" / "config.yaml").read_text())
+            pipe = result.pipeline
+            for name in ("text_encoder", "text_encoder_2", "vae"):
+                if getattr(pipe, name, None) is not None:
+                    getattr(pipe, name).to("cpu")
+            images = generate(pipe, prompts, args.steps, args.guidance)
+            resolved = {k: written.get(k) for k in ("params", "learning_rate", "max_steps", "lora_rank",
+                                                               "num_anchor_images", "prior_preservation")}
+            record = {"target": fam.target, "anchor": fam.anchor, "options": options, "resolved": resolved,
+                      "per_concept": args.per_concept, "train_seconds": round(seconds, 1),
+                      "phase_seconds": result.phase_seconds,
+                      "target_pairwise": [round(base_pair, 3),
+                                          round(judges.pairwise(images[fam.target], fam.target, fam.anchor), 3)],
+                      **summarise(base_labels, judges.judge(images), set(fam.classes))}
+            line = json.dumps(record)
+            print(line, flush=True)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(line + "\n")
     return 0
 
 

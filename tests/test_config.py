@@ -12,6 +12,11 @@ import yaml
 from ablation.concepts import bundled_prompt_lists, needs_prior_preservation, resolve_concept, target_prompt
 from ablation.config import (
     PAPER_DEFAULTS,
+    TOY_INSTANCE_LR,
+    TOY_INSTANCE_STEPS,
+    TOY_LORA_LR,
+    TOY_STYLE_LR,
+    TOY_STYLE_STEPS,
     ConceptSpec,
     ConfigError,
     TrainConfig,
@@ -137,14 +142,23 @@ def test_defaults_table_toy_versus_paper():
     assert (paper.learning_rate, paper.max_steps, paper.params, paper.scale_lr) == (2e-6, 100, "cross-attn", True)
     assert paper.resolution == 512 and paper.prior_preservation is True
     toy = resolve_defaults(config, toy=True, **common)
-    # toy instances train the target's token rows (docs/paper-parity.md); no prior term (it has no gradient there)
-    assert (toy.params, toy.learning_rate, toy.scale_lr, toy.prior_preservation) == ("embedding", 2e-2, False, False)
-    assert toy.max_steps == 40
-    several = resolve_defaults(TrainConfig(target=["A", "C"], anchor=["B", "D"]), toy=True,
+    # toy instances train the paper's group too, at the toy's own rate, with the prior term (docs/paper-parity.md)
+    assert (toy.params, toy.learning_rate, toy.scale_lr, toy.prior_preservation) == (
+        "cross-attn", TOY_INSTANCE_LR, False, True)
+    assert (toy.max_steps, toy.lora_rank) == (TOY_INSTANCE_STEPS, 0)
+    style = resolve_defaults(config, toy=True, **{**common, "concept_types": ["style"]})
+    assert (style.params, style.learning_rate, style.max_steps, style.hflip) == (
+        "cross-attn", TOY_STYLE_LR, TOY_STYLE_STEPS, True)
+    rows = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="embedding"), toy=True, **common)
+    # the token rows: their own rate and steps, and no prior term (it has no gradient there)
+    assert (rows.learning_rate, rows.max_steps, rows.prior_preservation) == (2e-2, 40, False)
+    several = resolve_defaults(TrainConfig(target=["A", "C"], anchor=["B", "D"], params="embedding"), toy=True,
                                **{**common, "concept_types": ["instance", "style"]})
     assert several.max_steps == 60  # several concepts share the run's steps
-    cross = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="cross-attn"), toy=True, **common)
-    assert cross.prior_preservation is True and cross.learning_rate == 1e-4  # the group's own toy rate
+    lora = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], lora_rank=4), toy=True, **common)
+    assert (lora.params, lora.lora_rank, lora.learning_rate) == ("cross-attn", 4, TOY_LORA_LR)
+    full = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="full"), toy=True, **common)
+    assert full.learning_rate == 1e-4  # a UNet group's own toy rate, not the K/V one
     assert resolve_defaults(config, toy=False, **{**common, "concept_types": ["memorization"]}).params == "full"
     assert set(PAPER_DEFAULTS) == {"instance", "style", "memorization", "nudity"}
     # explicit values are never replaced

@@ -9,6 +9,7 @@ The robust-training adversary the trainer uses is `ablation.adversary` (re-expor
 """
 
 from ablation.adversary import AdversarialEmbeddings, adversarial_target_embeddings
-from ablation.attacks.cli import ATTACKS, AttackSettings, run_attacks
+from ablation.attacks.registry import ATTACKS
+from ablation.attacks.runner import AttackSettings, run_attacks
 
 __all__ = ["ATTACKS", "AttackSettings", "run_attacks", "AdversarialEmbeddings", "adversarial_target_embeddings"]

@@ -161,6 +161,7 @@ class AttackContext:
         batch_size: images per pipeline call.
         out_dir: where images are written (a temporary folder that becomes `--out`).
         metadata: the delta's metadata (`params`: its trained group).
+        user_prompts: the user's own prompts for the `prompts` attack (`--prompts`).
         plain: ASR of the plain target prompts per model (`base`, `ablated`), once measured.
         gallery: folder -> images rendered this run (for the grids).
     """
@@ -177,6 +178,7 @@ class AttackContext:
     batch_size: int = 8
     out_dir: Path | None = None
     metadata: dict = field(default_factory=dict)
+    user_prompts: list[str] | None = None
     plain: dict = field(default_factory=dict)
     gallery: dict = field(default_factory=dict, repr=False)
     _references: dict = field(default_factory=dict, repr=False)

@@ -67,9 +67,9 @@ def attack_prompts(target: str, target_prompts: list[str], budget: int,
     return list(dict.fromkeys(out))[:budget]
 
 
-def run(ctx: AttackContext, budget: int, user_prompts: list[str] | None = None) -> dict:
-    """Render the prompts on both models; ASR overall and per category."""
-    pairs = attack_prompts(ctx.task.target, ctx.target_prompts, budget, user_prompts)
+def run(ctx: AttackContext, budget: int) -> dict:
+    """Render the prompts (the user's `--prompts` first) on both models; ASR overall and per category."""
+    pairs = attack_prompts(ctx.task.target, ctx.target_prompts, budget, ctx.user_prompts)
     if not pairs:
         raise ConfigError(f"no prompt set for {ctx.task.target!r}; pass --prompts FILE")
     items = [Item(p) for _, p in pairs]

@@ -308,7 +308,7 @@ def eval_main(argv: list[str]) -> int:
     from ablation.evaluation.selection import default_base, default_out, select_tasks
 
     try:
-        from ablation.attacks.cli import ATTACKS
+        from ablation.attacks.registry import ATTACKS
 
         attacks = list(ATTACKS) if "all" in args.attacks else list(dict.fromkeys(args.attacks))
         unknown = [a for a in attacks if a not in ATTACKS]

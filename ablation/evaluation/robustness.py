@@ -1,6 +1,6 @@
 """`ablate eval --attacks`: run the attack suite on each evaluated run and add a robustness table to the report.
 
-Each run is attacked with `ablate attack`'s defaults (`ablation.attacks.cli.run_attacks`, its report folder under
+Each run is attacked with `ablate attack`'s defaults (`ablation.attacks.runner.run_attacks`, its report folder under
 `<eval out>/attacks/<run>`); the eval report gains `report.json["robustness"]` and a "Robustness" section in
 `report.md`: per run and attack, the ASR of the plain target prompts and of the attack on the base and the
 ablated model, `relearn`'s steps to recover, and the attack's cost in seconds.
@@ -61,7 +61,7 @@ def attack_runs(base: str, runs: list[str], attacks: list[str], out: Path, *, se
     Raises:
         ConfigError: an attack cannot run on this model (e.g. embedding attacks on SDXL); nothing is added.
     """
-    from ablation.attacks.cli import AttackSettings, run_attacks
+    from ablation.attacks.runner import AttackSettings, run_attacks
 
     table, pipe, judge = {}, None, None
     for run in runs:
