@@ -116,6 +116,11 @@ class TrainConfig:
         "weight of the control-prompt penalty: how much the trained text key/value projections may change the "
         "tokens of prompts outside the ablated families (ablation/preserve.py; an addition to the paper, 0 = off, the "
         "default: on the toy model it traded removal for locality, docs/paper-parity.md)", default=None)
+    preserve_uncond: float | None = _help(
+        "weight of the penalty that keeps the unconditional (empty) prompt's text keys/values where they were "
+        "(ablation/preserve.py): classifier-free guidance uses them in every image, so their drift changes every "
+        "concept. An addition to the paper (0 = off, the paper setting); default 1000 on the toy model, where it "
+        "halved what a cross-attention ablation changed elsewhere (docs/paper-parity.md)", default=None)
 
     robust: bool = _help(
         "harden the ablation against the attacks of `ablate attack`: on every --robust-every-th step, a few ascent "
@@ -444,7 +449,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 #: per-element mean, so its ablation term weighs 4x (4 latent channels); under Adam, which ignores a common
 #: scale of the loss, lambda 1 there equals lambda 0.25 with this project's per-element means.
 PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor_images=1000, teacher="same",
-                                    preserve_weight=0.0,
+                                    preserve_weight=0.0, preserve_uncond=0.0,
                                     anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=GUIDANCE)
 
 #: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
@@ -474,12 +479,12 @@ TOY_GROUP: dict[str, dict[str, Any]] = {
     "full": dict(learning_rate=1e-4),
 }
 #: LoRA on a toy UNet group (`--lora-rank N`): the adapter's rate (dense rates are far too small for it)
-TOY_LORA_LR = 1e-3
+TOY_LORA_LR = 1e-2
 #: embedding group, several concepts in one run: 60 steps were measured as good as 80-120 for 5 and 8 concepts
 #: (every target 0.00 by the toy classifier, nothing else changed; docs/performance.md)
 TOY_MULTI_CONCEPT_STEPS = 60
 TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=32, teacher="frozen",
-                                  preserve_weight=0.0,
+                                  preserve_weight=0.0, preserve_uncond=1000.0,
                                   anchor_scheduler="ddim", anchor_steps=10, anchor_guidance=GUIDANCE)
 
 #: SD3 / SD3.5 / FLUX (docs/mmdit.md), overlaid on the paper's table: these models do not fit next to a dense

@@ -62,7 +62,7 @@ class Objective:
         self.base_unet = _unwrap(unet)
         self.teacher_params = teacher_params
         self.lora = getattr(self.base_unet, "_hf_peft_config_loaded", False)
-        self.preservation = None  # set by the trainer when --preserve-weight > 0
+        self.preservation = None  # set by the trainer: --preserve-weight / --preserve-uncond penalties
         self.train_text = cfg.params == "embedding"
         self.adversary: torch.Tensor | None = None  # --robust-adversary persistent / prefix: kept across steps
         self._prefix_step: float | None = None
@@ -183,9 +183,9 @@ class Objective:
             parts["prior"] = float(prior_loss.detach())
             total = total + prior_loss
         if self.preservation is not None:  # other prompts' text keys/values stay put (ablation/preserve.py)
-            penalty = self.preservation()
+            penalty = self.preservation()  # weighted already (--preserve-weight, --preserve-uncond)
             parts["preserve"] = float(penalty.detach())
-            total = total + cfg.preserve_weight * penalty
+            total = total + penalty
         return total, parts
 
 

@@ -12,6 +12,11 @@ with C = E[e e^T] the second moment of the control tokens, computed once (so the
 number of control prompts). With P = 0 the control prompts' images are exactly those of the base model. The
 idea is the preservation term of closed-form editors (UCE, MACE) used as a regulariser of the paper's loss; it is
 an addition to the paper, off in the paper recipes (docs/paper-parity.md).
+
+The same penalty on the unconditional (empty) prompt alone (`--preserve-uncond`) guards what every image shares:
+classifier-free guidance extrapolates away from the empty prompt's prediction, eps_u + g (eps_c - eps_u), so a
+drift of its keys/values moves every concept, amplified by g - 1. Its tokens span a small subspace (BOS, EOS and
+near-identical padding states), so holding them costs the ablation little.
 """
 
 from __future__ import annotations
@@ -76,6 +81,17 @@ class KVPreservation:
             d = self._delta(layer, original)
             total = total + ((d @ self.moment) * d).sum() / energy
         return total / len(self.layers)
+
+
+class Penalties:
+    """Weighted sum of `KVPreservation` terms (control prompts, the unconditional prompt)."""
+
+    def __init__(self, terms: list[tuple[float, KVPreservation]]) -> None:
+        self.terms = terms
+
+    def __call__(self) -> torch.Tensor:
+        """sum of weight * P (a scalar with gradient)."""
+        return sum((weight * term() for weight, term in self.terms), self.terms[0][1].moment.new_zeros(()))
 
 
 def control_prompts(concepts, toy: bool, limit: int = 256) -> list[str]:

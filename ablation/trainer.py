@@ -187,11 +187,15 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     if cfg.variant == "model-based" and wants_original and dense_unet:
         teacher_params = {n: p.detach().clone() for n, p in trainable.parameters[adapter.component].items()}
     preservation = None
-    if cfg.preserve_weight and data.control_rows is not None and adapter.component == "unet":
-        from ablation.preserve import KVPreservation, second_moment
+    if adapter.component == "unet":  # text keys/values of other prompts stay put (ablation/preserve.py)
+        from ablation.preserve import KVPreservation, Penalties, second_moment
 
-        moment = second_moment(data.embeddings.embeds[data.control_rows]).to(accelerator.device)
-        preservation = KVPreservation(unet, None if trainable.lora else trainable.parameters.get("unet", {}), moment)
+        dense = None if trainable.lora else trainable.parameters.get("unet", {})
+        terms = [(weight, KVPreservation(unet, dense, second_moment(data.embeddings.embeds[rows]).to(
+                     accelerator.device)))
+                 for weight, rows in ((cfg.preserve_weight, data.control_rows), (cfg.preserve_uncond, data.uncond_rows))
+                 if weight and rows is not None]
+        preservation = Penalties(terms) if terms else None
     weight_dtype = torch_dtype(cfg.mixed_precision)
     _cast_frozen([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], weight_dtype)
     if cfg.gradient_checkpointing:

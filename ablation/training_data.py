@@ -27,6 +27,7 @@ class TrainingData:
     embeddings: PromptEmbeddings | None = None
     prefix_rows: torch.Tensor | None = None  # [len(prompts), 4], -1 for rows that are not target prompts
     control_rows: torch.Tensor | None = None  # rows of the control prompts (`ablation.preserve`)
+    uncond_rows: torch.Tensor | None = None  # the row of the unconditional (empty) prompt (`--preserve-uncond`)
     blank: torch.Tensor | None = None  # latent of the augmentation's grey canvas
     trajectory: torch.Tensor | None = None  # [N, S, C, H, W] sampler states of each latent (--anchor-trajectory)
     trajectory_t: torch.Tensor | None = None  # [N, S] their timesteps
@@ -127,6 +128,9 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         controls = control_prompts(plan.concepts, plan.toy)
         training.control_rows = torch.arange(len(training.prompts), len(training.prompts) + len(controls))
         training.prompts.extend(controls)
+    if cfg.preserve_uncond:  # classifier-free guidance's empty prompt, encoded as the pipelines encode it
+        training.uncond_rows = torch.tensor([len(training.prompts)])
+        training.prompts.append("")
     return training, generated
 
 

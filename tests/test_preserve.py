@@ -71,28 +71,54 @@ def test_control_prompts_are_everything_but_the_target():
     assert real and len(real) <= 256 and not any("grumpy" in p.lower() for p in real)
 
 
-def test_training_with_the_penalty_moves_control_tokens_less(tmp_path, model_dir):
-    """Same run with and without the penalty: the control prompts' K/V outputs change less with it."""
+def _kv_change(tmp_path, model_dir, prompts, **options) -> float:
+    """Train a few steps on the tiny model; the K/V change dW measured on `prompts`' tokens, sum tr(dW C dW^T)."""
     from ablation.config import build_config
     from ablation.trainer import train
 
-    def run(weight: float) -> float:
-        out = tmp_path / f"w{weight}"
-        cfg = build_config(None, dict(model=model_dir, target=["Grumpy Cat"], anchor=["cat"], output_dir=str(out),
-                                      cache_dir=str(tmp_path / "cache"), resolution=32, num_anchor_images=4,
-                                      anchor_steps=2, max_steps=6, train_batch_size=2, learning_rate=3e-2,
-                                      prior_preservation=False, checkpointing_steps=0, preserve_weight=weight))
-        result = train(cfg)
-        objective_moment = second_moment(_control_embeddings(result.pipeline, result))
-        changes = []
-        base = _fresh_unet(model_dir)
-        for name, module in result.pipeline.unet.named_modules():
-            if name.endswith(("attn2.to_k", "attn2.to_v")):
-                d = module.weight.detach() - base.get_submodule(name).weight.detach()
-                changes.append(((d @ objective_moment) * d).sum())
-        return float(torch.stack(changes).sum())
+    out = tmp_path / "-".join(f"{k}{v}" for k, v in options.items())
+    cfg = build_config(None, dict(model=model_dir, target=["Grumpy Cat"], anchor=["cat"], output_dir=str(out),
+                                  cache_dir=str(tmp_path / "cache"), resolution=32, num_anchor_images=4,
+                                  anchor_steps=2, max_steps=6, train_batch_size=2, learning_rate=3e-2,
+                                  prior_preservation=False, checkpointing_steps=0, **options))
+    result = train(cfg)
+    moment = second_moment(_embeddings(result.pipeline, prompts))
+    changes = []
+    base = _fresh_unet(model_dir)
+    for name, module in result.pipeline.unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")):
+            d = module.weight.detach() - base.get_submodule(name).weight.detach()
+            changes.append(((d @ moment) * d).sum())
+    return float(torch.stack(changes).sum())
 
-    assert run(100.0) < 0.5 * run(0.0)
+
+def test_training_with_the_penalty_moves_control_tokens_less(tmp_path, model_dir):
+    """Same run with and without the penalty: the control prompts' K/V outputs change less with it."""
+    controls = control_prompts(resolve_concepts([ConceptSpec("Grumpy Cat", "cat")], toy=False), toy=False)[:32]
+    assert _kv_change(tmp_path, model_dir, controls, preserve_weight=100.0) < 0.5 * _kv_change(
+        tmp_path, model_dir, controls, preserve_weight=0.0)
+
+
+def test_the_unconditional_penalty_holds_the_empty_prompt(tmp_path, model_dir):
+    """--preserve-uncond: the empty prompt (classifier-free guidance's other half) keeps its keys/values."""
+    free = _kv_change(tmp_path, model_dir, [""], preserve_uncond=0.0)
+    held = _kv_change(tmp_path, model_dir, [""], preserve_uncond=1000.0)
+    assert free > 0 and held < 0.05 * free, (free, held)
+
+
+def test_penalties_add_their_weighted_terms():
+    from ablation.preserve import Penalties
+
+    class Term:
+        moment = torch.zeros(2, 2)
+
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def __call__(self) -> torch.Tensor:
+            return torch.tensor(self.value)
+
+    assert Penalties([(10.0, Term(0.5)), (1000.0, Term(0.002))])().item() == pytest.approx(5.0 + 2.0)
 
 
 def _fresh_unet(model_dir):
@@ -101,10 +127,9 @@ def _fresh_unet(model_dir):
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
 
 
-def _control_embeddings(pipe, result):
-    from ablation.data import encode_prompts
+def _embeddings(pipe, prompts: list[str]) -> torch.Tensor:
+    from ablation.architectures import encode_prompts
 
-    concepts = resolve_concepts([ConceptSpec("Grumpy Cat", "cat")], toy=False)
     pipe.text_encoder.to("cpu")
     with torch.no_grad():
-        return encode_prompts(pipe, control_prompts(concepts, toy=False)[:32], "cpu").embeds
+        return encode_prompts(pipe, prompts, "cpu").embeds

@@ -1,8 +1,9 @@
 """CI proves it: on the toy world, the default ablation removes its target and keeps everything else.
 
-Exactly the default settings (`ablate train --target "grumpy cat" --anchor cat`: 16 anchors, 40 steps); the whole
-test (anchors, training, 2 x 48 images, two judges) takes about a minute on 2 cores.
-Judged by both toy judges (the toy CLIP and the independent concept classifier) among all 31 toy concepts.
+Exactly the default settings (`ablate train --target "grumpy cat" --anchor cat`: the paper's group, cross-attention
+K/V, model-based with prior preservation; 32 anchors, 50 steps); the whole test (anchors, training, 2 x 96 images,
+two judges) takes about a minute on 2 cores. Judged by both toy judges (the toy CLIP and the independent concept
+classifier) among all 31 toy concepts; 16 images per concept, so one image is 0.06.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ def collateral(tmp_path_factory):
     code = main(["train", "--target", "grumpy cat", "--anchor", "cat", "--output-dir", str(run),
                  "--cache-dir", str(tmp / "cache"), "--checkpointing-steps", "0"])
     assert code == 0
-    return measure(load_pipeline("toy"), str(run), concepts=[*FAMILY, OTHER], per_concept=8, steps=10)
+    return measure(load_pipeline("toy"), str(run), concepts=[*FAMILY, OTHER], per_concept=16, steps=10)
 
 
 @pytest.mark.parametrize("judge", ["clip", "classifier"])
 def test_target_is_removed(collateral, judge):
     row = collateral["concepts"]["grumpy cat"][judge]
     assert row["base"] >= 0.8, row
-    assert row["ablated"] <= 0.2, row
+    assert row["ablated"] <= 0.1, row  # issue 20's bar
 
 
 @pytest.mark.parametrize("judge", ["clip", "classifier"])
