@@ -149,6 +149,7 @@ def test_defaults_table_toy_versus_paper():
     style = resolve_defaults(config, toy=True, **{**common, "concept_types": ["style"]})
     assert (style.params, style.learning_rate, style.max_steps, style.hflip) == (
         "cross-attn", TOY_STYLE_LR, TOY_STYLE_STEPS, True)
+    assert (toy.preserve_uncond, style.preserve_uncond, paper.preserve_uncond) == (0.0, 0.0, 0.0)
     rows = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="embedding"), toy=True, **common)
     # the token rows: their own rate and steps, and no prior term (it has no gradient there)
     assert (rows.learning_rate, rows.max_steps, rows.prior_preservation) == (2e-2, 40, False)
