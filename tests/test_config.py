@@ -146,10 +146,11 @@ def test_defaults_table_toy_versus_paper():
     assert (toy.params, toy.learning_rate, toy.scale_lr, toy.prior_preservation) == (
         "cross-attn", TOY_INSTANCE_LR, False, True)
     assert (toy.max_steps, toy.lora_rank) == (TOY_INSTANCE_STEPS, 0)
-    style = resolve_defaults(config, toy=True, **{**common, "concept_types": ["style"]})
+    # a style's target prompt does not contain its anchor word ("painting"): no prior term, no uncond penalty
+    style = resolve_defaults(config, toy=True, **{**common, "concept_types": ["style"], "prior_preservation": False})
     assert (style.params, style.learning_rate, style.max_steps, style.hflip) == (
         "cross-attn", TOY_STYLE_LR, TOY_STYLE_STEPS, True)
-    assert (toy.preserve_uncond, style.preserve_uncond, paper.preserve_uncond) == (0.0, 0.0, 0.0)
+    assert (toy.preserve_uncond, style.preserve_uncond, paper.preserve_uncond) == (1000.0, 0.0, 0.0)
     rows = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="embedding"), toy=True, **common)
     # the token rows: their own rate and steps, and no prior term (it has no gradient there)
     assert (rows.learning_rate, rows.max_steps, rows.prior_preservation) == (2e-2, 40, False)
