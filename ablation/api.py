@@ -242,29 +242,23 @@ def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | st
     from ablation.evaluation.evaluate import EvalSettings
     from ablation.evaluation.evaluate import evaluate as run_evaluation
     from ablation.evaluation.generate import SamplingSettings
-    from ablation.evaluation.selection import default_base, default_out, sampling_defaults, select_tasks
+    from ablation.evaluation.selection import plan_evaluation, refresh_model_cards
 
     items = [ablated] if isinstance(ablated, AblationResult | str | Path) else list(ablated)
     runs = [str(i.run_dir if isinstance(i, AblationResult) else i) for i in items]
     try:
-        base = base or default_base(runs)
-        tasks = select_tasks(base, runs, families=families, targets=targets, anchors=anchors,
-                             concept_type=concept_type)
-        out_dir = Path(out) if out else default_out(runs)
-        steps, settings["batch_size"] = sampling_defaults(base, steps, settings.get("batch_size"))
-        eval_settings = EvalSettings(sampling=SamplingSettings(scheduler=scheduler, steps=steps, guidance=guidance,
-                                                                       height=height, width=width),
+        plan = plan_evaluation(runs, base=base, families=families, targets=targets, anchors=anchors,
+                               concept_type=concept_type, out=out, steps=steps, batch_size=settings.get("batch_size"))
+        settings["batch_size"] = plan.batch_size
+        eval_settings = EvalSettings(sampling=SamplingSettings(scheduler=scheduler, steps=plan.steps,
+                                                               guidance=guidance, height=height, width=width),
                                      samples_per_prompt=num_samples, seed=seed, **settings)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e).strip("'\"")) from None
     except TypeError as e:  # an unknown EvalSettings keyword
         raise ConfigError(str(e)) from None
-    report = run_evaluation(base, runs, tasks, out_dir, eval_settings, clip_model=clip_model, device=device,
-                            pipe=base_pipe)
+    report = run_evaluation(plan.base, runs, plan.tasks, plan.out, eval_settings, clip_model=clip_model,
+                            device=device, pipe=base_pipe)
     if model_card:
-        from ablation.model_card import write_model_card
-
-        for run in runs:
-            if (Path(run) / "config.yaml").is_file():
-                write_model_card(Path(run))
+        refresh_model_cards(runs)
     return report

@@ -305,7 +305,7 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _setup_logging()
     from ablation.evaluation.evaluate import EvalSettings, evaluate
-    from ablation.evaluation.selection import default_base, default_out, select_tasks
+    from ablation.evaluation.selection import plan_evaluation, refresh_model_cards
 
     try:
         from ablation.attacks.registry import ATTACKS
@@ -314,10 +314,10 @@ def eval_main(argv: list[str]) -> int:
         unknown = [a for a in attacks if a not in ATTACKS]
         if unknown:
             raise ValueError(f"--attacks {', '.join(unknown)}: choose from {', '.join(ATTACKS)} or all")
-        base = args.base or default_base(args.ablated)
-        tasks = select_tasks(base, args.ablated, families=args.family, targets=args.target, anchors=args.anchor,
-                             concept_type=args.concept_type, config=args.config)
-        out = Path(args.out) if args.out else default_out(args.ablated)
+        plan = plan_evaluation(args.ablated, base=args.base, families=args.family, targets=args.target,
+                               anchors=args.anchor, concept_type=args.concept_type, config=args.config, out=args.out,
+                               steps=args.steps, batch_size=args.batch_size)
+        base, tasks, out = plan.base, plan.tasks, plan.out
         if args.control_samples < 0:
             raise ValueError(f"--control-samples must be >= 0, got {args.control_samples}")
         controls = None
@@ -327,9 +327,7 @@ def eval_main(argv: list[str]) -> int:
             controls = load_controls(args.control_prompts, exclude=[c for t in tasks for c in t.classes])
     except (KeyError, ValueError, FileNotFoundError) as err:
         return _fail(str(err).strip("'\""))
-    from ablation.evaluation.selection import sampling_defaults
-
-    args.steps, args.batch_size = sampling_defaults(base, args.steps, args.batch_size)
+    args.steps, args.batch_size = plan.steps, plan.batch_size
     if args.steps < 1 or args.batch_size < 1:
         return _fail("--steps and --batch-size must be >= 1")
     settings = EvalSettings(
@@ -353,9 +351,5 @@ def eval_main(argv: list[str]) -> int:
         except ConfigError as err:
             return _fail(str(err))
     logger.info("wrote %s", out / "report.md")
-    from ablation.model_card import write_model_card
-
-    for run in args.ablated:  # the run's model card shows the new evaluation
-        if (Path(run) / "config.yaml").is_file():
-            write_model_card(Path(run))
+    refresh_model_cards(args.ablated)  # the run's model card shows the new evaluation
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -111,3 +112,40 @@ def select_tasks(base: str, runs: Sequence[str], *, families: Sequence[str] = ()
     if not unique:
         raise ValueError("nothing to evaluate: the runs record no concepts; pass --family, --target or --config")
     return unique
+
+
+@dataclass
+class EvalPlan:
+    """What an evaluation runs on, resolved the same way for `ablate eval` and `ablation.evaluate`."""
+
+    base: str
+    tasks: list[ConceptTask]
+    out: Path
+    steps: int
+    batch_size: int
+
+
+def plan_evaluation(runs: Sequence[str], *, base: str | None = None, families: Sequence[str] = (),
+                    targets: Sequence[str] = (), anchors: Sequence[str] = (), concept_type: str = "instance",
+                    config: str | None = None, out: str | Path | None = None, steps: int | None = None,
+                    batch_size: int | None = None) -> EvalPlan:
+    """Base model (default: the runs' recorded one), tasks, report folder and the model's sampling defaults.
+
+    Raises:
+        ValueError, KeyError, FileNotFoundError: as `select_tasks` / `default_out` (the callers turn them into
+            one-line errors).
+    """
+    base = base or default_base(runs)
+    tasks = select_tasks(base, runs, families=families, targets=targets, anchors=anchors,
+                         concept_type=concept_type, config=config)
+    steps, batch_size = sampling_defaults(base, steps, batch_size)
+    return EvalPlan(base, tasks, Path(out) if out else default_out(runs), steps, batch_size)
+
+
+def refresh_model_cards(runs: Sequence[str]) -> None:
+    """Rewrite each run folder's model card so that it shows the new evaluation (delta files have none)."""
+    from ablation.model_card import write_model_card
+
+    for run in runs:
+        if (Path(run) / "config.yaml").is_file():
+            write_model_card(Path(run))
