@@ -114,8 +114,8 @@ class TrainConfig:
     prior_weight: float | None = _help("weight lambda of the prior-preservation loss", default=None)
     preserve_weight: float | None = _help(
         "weight of the control-prompt penalty: how much the trained text key/value projections may change the "
-        "tokens of prompts outside the ablated families (ablation/preserve.py; an addition to the paper, 0 = off, the "
-        "default: on the toy model it traded removal for locality, docs/paper-parity.md)", default=None)
+        "tokens of prompts outside the ablated families (ablation/preserve.py; an addition to the paper; default 0 = "
+        "off: on the toy model it bought locality only by removing less, docs/paper-parity.md)", default=None)
     preserve_uncond: float | None = _help(
         "weight of the penalty that keeps the unconditional (empty) prompt's text keys/values where they were "
         "(ablation/preserve.py): classifier-free guidance uses them in every image, so their drift changes every "
@@ -229,7 +229,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")
-        for name in ("lora_rank", "checkpointing_steps", "max_grad_norm", "adam_weight_decay", "prior_weight"):
+        for name in ("lora_rank", "checkpointing_steps", "max_grad_norm", "adam_weight_decay", "prior_weight",
+                     "preserve_weight", "preserve_uncond"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")

@@ -15,8 +15,9 @@ an addition to the paper, off in the paper recipes (docs/paper-parity.md).
 
 The same penalty on the unconditional (empty) prompt alone (`--preserve-uncond`) guards what every image shares:
 classifier-free guidance extrapolates away from the empty prompt's prediction, eps_u + g (eps_c - eps_u), so a
-drift of its keys/values moves every concept, amplified by g - 1. Its tokens span a small subspace (BOS, EOS and
-near-identical padding states), so holding them costs the ablation little.
+drift of its keys/values moves every concept, amplified by g - 1. Its tokens (BOS, EOS and near-identical padding
+states) are also the states that carry a concept through the prompt, so holding them can stop an ablation: on the
+toy model it kept the anchor of grumpy cat but left nemo, snoopy and van gogh in place (docs/paper-parity.md).
 """
 
 from __future__ import annotations

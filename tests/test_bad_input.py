@@ -170,6 +170,11 @@ def test_non_finite_numbers(model_dir, tmp_path, capsys, flag, value):
     _fails(capsys, _args(model_dir, tmp_path, f"{flag}={value}"), f"{flag} must be a finite number", root=tmp_path)
 
 
+@pytest.mark.parametrize("flag", ["--preserve-weight", "--preserve-uncond"])
+def test_negative_penalty_weights(model_dir, tmp_path, capsys, flag):
+    _fails(capsys, _args(model_dir, tmp_path, f"{flag}=-1"), f"{flag} must be >= 0, got -1", root=tmp_path)
+
+
 def test_non_finite_numbers_in_yaml(tmp_path):
     from ablation.config import ConfigError, build_config
 
