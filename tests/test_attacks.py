@@ -183,6 +183,71 @@ def test_user_prompts_file_is_used_as_is(world, tmp_path):
     assert len(prompts) == 2
 
 
+def test_post_attack_asr_counts_an_image_whose_plain_counterpart_already_shows_the_target():
+    from ablation.attacks.common import AttackContext, Item
+
+    ctx = AttackContext(pipe=None, delta=None, task=None, judge=None, sampling=None, num_samples=2)
+    ctx.judged = lambda images: [im == "T" for im in images]  # the judge, by hand: "T" is judged the target
+    ctx.gallery["plain/ablated"], ctx.rendered["plain/ablated"] = ["T", "-", "-", "-"], [Item("p0"), Item("p1")]
+    # three attacked items: two from plain prompt 0 (explicit source), one defaulting to 2 % 2 = 0
+    ctx.rendered["prefix/ablated"] = [Item("a", source=0), Item("b", source=1), Item("c")]
+    ctx.gallery["prefix/ablated"] = ["-", "-", "-", "T", "-", "-"]
+    # slots: a0 plain(0,0)=T -> 1, a1 0, b0 0, b1 attacked T -> 1, c0 plain(0,0)=T -> 1, c1 0
+    assert ctx.post_attack_asr("prefix") == 3 / 6
+    assert ctx.asr(ctx.gallery["prefix/ablated"]) == 1 / 6 and ctx.post_attack_asr("inversion") is None
+
+
+def test_replay_renders_the_saved_items_on_another_model(world, tmp_path):
+    from ablation.attacks.cli import parse
+
+    first = run_attacks(_settings(world, tmp_path / "a", ["prompts", "text-search", "prefix", "relearn"],
+                                  budgets=TINY_BUDGETS), judge=world["judge"])
+    saved = json.loads((tmp_path / "a" / "attack.json").read_text())
+    for a in saved["attacks"]:
+        pre, post = a["asr"]["pre_attack"], a["asr"]["post_attack"]
+        assert pre == saved["plain"]["ablated"] and 0.0 <= post <= 1.0, a["asr"]
+    prefix = next(a for a in saved["attacks"] if a["attack"] == "prefix")
+    assert len(prefix["replay"]) == TINY["num_prompts"] and all(r["vectors"] for r in prefix["replay"])
+    assert "replay" not in next(a for a in saved["attacks"] if a["attack"] == "relearn")
+    # the pinned command parses back to the same budgets and seed
+    import shlex
+
+    again = parse(shlex.split(saved["settings"]["command"])[2:])
+    assert {a: again.budget_of(a) for a in again.attacks} == saved["settings"]["budgets"]
+    assert again.seed == 0 and again.num_samples == TINY["num_samples"]
+    # replay on the same ablation: the same images, hence the same ASR, and no search
+    replayed = run_attacks(AttackSettings(base=world["sd1"], ablated=world["run"], replay=str(tmp_path / "a"),
+                                          attacks=("text-search", "prefix"), out=str(tmp_path / "b"),
+                                          clip=world["clip"], batch_size=4, device="cpu"), judge=world["judge"])
+    assert [a["attack"] for a in replayed["attacks"]] == ["text-search", "prefix"]
+    for a in replayed["attacks"]:
+        orig = next(o for o in first["attacks"] if o["attack"] == a["attack"])
+        assert a["asr"] == orig["asr"] and a["cost"]["unet_backward"] == 0 and a["cost"]["text_encoder_forward"] == 0
+        assert [r["prompt"] for r in a["replay"]] == [r["prompt"] for r in orig["replay"]]
+        folder = a["attack"].replace("-", "_")
+        for png in (tmp_path / "a" / "images" / folder).rglob("*.png"):
+            assert png.read_bytes() == (tmp_path / "b" / png.relative_to(tmp_path / "a")).read_bytes()
+    # on another model (the base model given as the "ablation"): the same prompts, the base column's ASR
+    other = world["root"] / "base_as_ablated"
+    if not other.exists():
+        tiny_pipeline("sd1").save_pretrained(other)
+    moved = run_attacks(AttackSettings(base=world["sd1"], ablated=world["sd1"], replay=str(tmp_path / "a"),
+                                       attacks=("prefix",), out=str(tmp_path / "c"), clip=world["clip"],
+                                       batch_size=4, device="cpu"), judge=world["judge"])
+    assert moved["attacks"][0]["asr"]["ablated"] == moved["attacks"][0]["asr"]["base"]
+    assert moved["attacks"][0]["asr"]["base"] == prefix["asr"]["base"]
+
+
+def test_replay_bad_input_one_line(world, tmp_path, capsys):
+    run_attacks(_settings(world, tmp_path / "a", ["text-search"], budget=32), judge=world["judge"])
+    base = ["attack", "--base", world["sd1"], "--ablated", world["run"], "--clip", world["clip"]]
+    assert main([*base, "--replay", str(tmp_path / "none"), "--out", str(tmp_path / "o1")]) == 2
+    assert main([*base, "--replay", str(tmp_path / "a"), "--attack", "prefix", "--out", str(tmp_path / "o2")]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and "no attack.json" in errs[0] and "prefix not in that report" in errs[1], errs
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 # ------------------------------------------------------------------ bad input
 
 

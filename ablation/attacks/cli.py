@@ -48,8 +48,12 @@ def parse(argv: list[str]) -> AttackSettings:
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance (default 6)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--replay", default=None, metavar="DIR",
+                   help="render the prompts and embeddings an earlier `ablate attack` run saved in DIR on --ablated "
+                   "(no search; its seed, budgets, images per prompt, sampling and task are used; relearn is re-run "
+                   "with its budget); --attack picks some of its attacks (default: all of them)")
     args = p.parse_args(argv)
-    attacks = args.attack or ["prompts"]
+    attacks = args.attack
     if "all" in attacks:
         attacks = list(ATTACKS)
     budget, budgets = None, {}

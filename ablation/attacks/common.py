@@ -133,11 +133,14 @@ class Item:
         prompt: the text given to the pipeline (placeholders written as `PLACEHOLDER`).
         vectors: `[k, D]` learned embeddings of the placeholder occurrences, or None.
         shown: how the prompt is shown in the report (`<grumpy-cat>` for the placeholder).
+        source: index of the plain target prompt this item attacks (its unattacked counterpart in the
+            post-attack ASR); None: item i stands for plain prompt i modulo their number.
     """
 
     prompt: str
     vectors: torch.Tensor | None = None
     shown: str | None = None
+    source: int | None = None
 
     @property
     def display(self) -> str:
@@ -164,6 +167,7 @@ class AttackContext:
         user_prompts: the user's own prompts for the `prompts` attack (`--prompts`).
         plain: ASR of the plain target prompts per model (`base`, `ablated`), once measured.
         gallery: folder -> images rendered this run (for the grids).
+        rendered: folder -> the items rendered there (what `--replay` re-renders, what the post-attack ASR pairs).
     """
 
     pipe: object
@@ -181,6 +185,7 @@ class AttackContext:
     user_prompts: list[str] | None = None
     plain: dict = field(default_factory=dict)
     gallery: dict = field(default_factory=dict, repr=False)
+    rendered: dict = field(default_factory=dict, repr=False)
     _references: dict = field(default_factory=dict, repr=False)
 
     @contextlib.contextmanager
@@ -229,6 +234,7 @@ class AttackContext:
         images = [im for i in range(len(items)) for im in by_index[i]]
         if folder is not None:
             self.gallery[folder] = images
+            self.rendered[folder] = list(items)
         return images
 
     def plain_items(self) -> list[Item]:
@@ -242,15 +248,39 @@ class AttackContext:
             out["ablated"] = self.asr(self.render(items, f"{name}/ablated"))
         return out
 
-    def asr(self, images: Sequence[Image.Image]) -> float:
-        """Fraction of images the judge assigns to the target rather than the anchor."""
+    def judged(self, images: Sequence[Image.Image]) -> list[bool]:
+        """Per image: does the judge assign it to the target rather than the anchor?"""
         if not images:
-            return float("nan")
+            return []
         feats = self.judge.image_features(list(images))
         texts = self.judge.text_features([self.task.judge_texts[self.task.target],
                                           self.task.judge_texts[self.task.anchor]])
         sims = feats @ texts.T
-        return float((sims[:, 0] > sims[:, 1]).float().mean())
+        return (sims[:, 0] > sims[:, 1]).tolist()
+
+    def asr(self, images: Sequence[Image.Image]) -> float:
+        """Fraction of images the judge assigns to the target rather than the anchor."""
+        flags = self.judged(images)
+        return sum(flags) / len(flags) if flags else float("nan")
+
+    def post_attack_asr(self, folder: str) -> float | None:
+        """The public table's post-attack ASR of the images rendered on the ablated model under `folder`.
+
+        UnlearnDiffAtk's definition (Zhang et al., ECCV 2024): an attack succeeds on a prompt when the attacked
+        model draws the target, and a prompt the ablated model already draws the target for counts as a success
+        (pre-attack ASR <= post-attack ASR). Here per image slot: attacked item j, sample s succeeds when its
+        image is judged the target, or when the unattacked image of its plain prompt (`Item.source`, else
+        j modulo the number of plain prompts) with the same sample index already is.
+        """
+        items, images = self.rendered.get(f"{folder}/ablated"), self.gallery.get(f"{folder}/ablated")
+        plain = self.gallery.get("plain/ablated")
+        if not items or not images or not plain:
+            return None
+        n, count = self.num_samples, len(self.rendered["plain/ablated"])
+        attacked, before = self.judged(images), self.judged(plain)
+        hits = [attacked[j * n + s] or before[(item.source if item.source is not None else j % count) * n + s]
+                for j, item in enumerate(items) for s in range(n)]
+        return sum(hits) / len(hits)
 
     def references(self) -> tuple[list[Image.Image], torch.Tensor, list[str]]:
         """Images of the target by the base model (seeded apart from evaluation images), their latents and prompts.

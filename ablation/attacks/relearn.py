@@ -3,14 +3,12 @@
 "Concept resurgence": with the ordinary denoising loss on the base model's images of the target
 (`AttackContext.references`) and the target prompts, the parameters the ablation changed (the group
 recorded in the delta's metadata: `cross-attn` by default, `attn`, `full` or the target's `embedding`
-rows) are trained again at the run's own learning rate. Every `eval_every` steps the target prompts
-are rendered and judged; the attack reports the first step at which the target's accuracy is back to
+rows) are trained again at the run's own learning rate. After 1, 2, 4, 8, ... steps (or every `eval_every`)
+the target prompts are rendered and judged; the attack reports the first step at which the target's accuracy is back to
 half the base model's, and the curve. The weights are put back afterwards.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -41,6 +39,19 @@ def trained_group(ctx: AttackContext) -> tuple[str, list[torch.nn.Parameter], to
     return group, [params[n] for n in group_parameter_names(ctx.pipe.unet, group)], None
 
 
+def checkpoints(budget: int, eval_every: int | None = None) -> list[int]:
+    """The steps after which relearning is judged: every `eval_every` steps, else doubling (1, 2, 4, ...).
+
+    Doubling resolves the steps to recover to a factor of two at any scale with log2(budget) judgings, so a
+    ratio such as "the robust ablation needs 5x the steps" can be read off the curve of both runs.
+    """
+    if eval_every:
+        marks = list(range(eval_every, budget, eval_every))
+    else:
+        marks = [2 ** i for i in range(budget.bit_length()) if 2 ** i < budget]
+    return marks + [budget]
+
+
 def run(ctx: AttackContext, budget: int, *, eval_every: int | None = None, lr: float | None = None,
         batch_size: int = 4) -> dict:
     """Relearn for at most `budget` steps, judging every `eval_every` steps; stops once recovered."""
@@ -50,7 +61,7 @@ def run(ctx: AttackContext, budget: int, *, eval_every: int | None = None, lr: f
         base_acc = ctx.asr(ctx.render(ctx.plain_items(), None))
     threshold = 0.5 * base_acc
     lr = lr or float(ctx.metadata.get("learning_rate") or 1e-4)
-    eval_every = eval_every or max(1, math.ceil(budget / 5))
+    marks = checkpoints(budget, eval_every)
     cost, eval_cost = Cost(), Cost()
     g = torch.Generator().manual_seed(ctx.seed)
     curve: list[dict] = []
@@ -72,9 +83,11 @@ def run(ctx: AttackContext, budget: int, *, eval_every: int | None = None, lr: f
                 acc = ctx.asr(ctx.render(ctx.plain_items(), None))
             curve.append({"step": 0, "target_accuracy": acc})
             step = 0
-            while step < budget and acc < threshold:
+            for mark in marks:
+                if acc >= threshold:
+                    break
                 with counting(ctx.pipe, cost):
-                    for _ in range(min(eval_every, budget - step)):
+                    for _ in range(mark - step):
                         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
                         cond = conds[idx] if conds is not None else encode(ctx.pipe, [ref_prompts[i] for i in idx])
                         loss = diffusion_loss(ctx.pipe.unet, scheduler, latents[idx], cond, g, cost)
@@ -101,7 +114,8 @@ def run(ctx: AttackContext, budget: int, *, eval_every: int | None = None, lr: f
         "asr": {"base": None, "ablated": final_acc},
         "cost": cost.as_dict(), "eval_cost": eval_cost.as_dict(),
         "prompts": [{"prompt": it.prompt} for it in ctx.plain_items()],
-        "details": {"group": group, "learning_rate": lr, "eval_every": eval_every, "threshold": threshold,
+        "details": {"group": group, "learning_rate": lr, "eval_every": eval_every, "checkpoints": marks,
+                    "threshold": threshold,
                     "base_accuracy": base_acc, "steps_to_recover": recovered_at, "steps_done": curve[-1]["step"],
                     "curve": curve},
     }

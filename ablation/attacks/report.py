@@ -58,16 +58,23 @@ def markdown(report: dict) -> str:
         "ablated model) rendered by each model. Cost: the attack's own search or training (seconds, UNet "
         "forward calls / rows / backward passes, text-encoder calls), without rendering the evaluation images.",
         "",
-        "| attack | budget | plain, base | plain, ablated | attacked, base | attacked, ablated | seconds | "
-        "UNet fwd (rows) | UNet bwd | text enc. fwd |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Pre-attack and post-attack ASR, as the UnlearnDiffAtk table defines them:", "",
+        f"- pre-attack: {report['asr_definition']['pre_attack']}",
+        f"- post-attack: {report['asr_definition']['post_attack']}",
+        "",
+        f"Pinned: `{s['command']}`" + (f" (replayed from `{s['replayed_from']}`)" if s.get("replayed_from") else ""),
+        "",
+        "| attack | budget | plain, base | plain, ablated (pre-attack) | attacked, base | attacked, ablated | "
+        "post-attack | seconds | UNet fwd (rows) | UNet bwd | text enc. fwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     plain = report["plain"]
     for a in report["attacks"]:
         c = a["cost"]
         lines.append(f"| {a['attack']} | {a['budget']} {a['budget_unit']} | {_fmt(plain['base'])} | "
                      f"{_fmt(plain['ablated'])} | {_fmt(a['asr']['base'])} | {_fmt(a['asr']['ablated'])} | "
-                     f"{c['seconds']:.1f} | {c['unet_forward']} ({c['unet_forward_rows']}) | {c['unet_backward']} | "
+                     f"{_fmt(a['asr'].get('post_attack'))} | {c['seconds']:.1f} | "
+                     f"{c['unet_forward']} ({c['unet_forward_rows']}) | {c['unet_backward']} | "
                      f"{c['text_encoder_forward']} |")
     lines.append("")
     for a in report["attacks"]:

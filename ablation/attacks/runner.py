@@ -22,7 +22,7 @@ class AttackSettings:
 
     base: str = "toy"
     ablated: str = ""
-    attacks: tuple[str, ...] = ("prompts",)
+    attacks: tuple[str, ...] = ()  # () -> ("prompts",), or with `replay` every attack of that report
     budget: int | None = None
     budgets: dict[str, int] = field(default_factory=dict)
     seed: int = 0
@@ -39,6 +39,7 @@ class AttackSettings:
     guidance: float = GUIDANCE
     batch_size: int = 8
     device: str | None = None
+    replay: str | None = None
 
     def budget_of(self, attack: str) -> int:
         """`--budget KIND=N`, else `--budget N`, else the attack's default."""
@@ -49,6 +50,10 @@ class AttackSettings:
         from ablation.checkpoint import resolve_delta
         from ablation.models import resolve_model
 
+        if self.replay:
+            self._adopt_replay()
+        elif not self.attacks:
+            self.attacks = ("prompts",)
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown or not self.attacks:
             raise ConfigError(f"unknown attack {', '.join(unknown) or '(none)'}; choose from "
@@ -84,6 +89,49 @@ class AttackSettings:
             read_user_prompts(self.prompts_file)
 
 
+    def _adopt_replay(self) -> None:
+        """`--replay DIR`: the earlier run's attacks, budgets, seed, images per prompt, sampling and task."""
+        from ablation.attacks.replay import read_source
+
+        source = read_source(self.replay)
+        recorded = [a["attack"] for a in source["attacks"]]
+        chosen = self.attacks or tuple(recorded)
+        missing = [a for a in chosen if a not in recorded]
+        if missing:
+            raise ConfigError(f"--replay {self.replay}: {', '.join(missing)} not in that report (it has "
+                              f"{', '.join(recorded)})")
+        s = source["settings"]
+        self.attacks = tuple(chosen)
+        self.budgets = {a["attack"]: a["budget"] for a in source["attacks"]}
+        self.seed, self.num_prompts, self.num_samples = s["seed"], s["num_prompts"], s["num_samples"]
+        self.num_references = s["num_references"]
+        self.steps, self.guidance = s["sampling"]["steps"], s["sampling"]["guidance"]
+        if s.get("family"):  # the same task, hence the same plain prompts
+            self.family, self.target, self.anchor = s["family"], None, None
+        else:
+            self.family, self.target, self.anchor = None, source["task"]["target"], source["task"]["anchor"]
+
+    def command(self) -> str:
+        """The `ablate attack` command line that repeats this run with every budget and seed pinned."""
+        import shlex
+
+        parts = ["ablate", "attack", "--base", self.base, "--ablated", self.ablated]
+        for attack in self.attacks:
+            parts += ["--attack", attack, "--budget", f"{attack}={self.budget_of(attack)}"]
+        parts += ["--seed", str(self.seed), "--num-prompts", str(self.num_prompts), "--num-samples",
+                  str(self.num_samples), "--num-references", str(self.num_references), "--steps", str(self.steps),
+                  "--guidance", f"{self.guidance:g}"]
+        if self.target:
+            parts += ["--target", self.target] + (["--anchor", self.anchor] if self.anchor else [])
+        elif self.family:
+            parts += ["--family", self.family]
+        if self.prompts_file:
+            parts += ["--prompts", self.prompts_file]
+        if self.replay:
+            parts += ["--replay", self.replay]
+        return shlex.join(parts + ["--out", self.out])
+
+
 def resolve_task(settings: AttackSettings):
     """The concept task: `--family`, else `--target/--anchor`, else the run's recorded concept."""
     from ablation.evaluation.selection import select_tasks
@@ -112,7 +160,7 @@ def run_attacks(settings: AttackSettings, *, pipe=None, judge=None) -> dict:
 
     import torch
 
-    from ablation.attacks import prompts, report
+    from ablation.attacks import prompts, replay, report
     from ablation.attacks.common import AttackContext
     from ablation.checkpoint import read_metadata, resolve_delta
     from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
@@ -121,6 +169,7 @@ def run_attacks(settings: AttackSettings, *, pipe=None, judge=None) -> dict:
 
     settings.check()
     task = resolve_task(settings)
+    source = replay.read_source(settings.replay) if settings.replay else None
     user_prompts = None
     if settings.prompts_file:
         user_prompts = prompts.read_user_prompts(settings.prompts_file)
@@ -159,26 +208,40 @@ def run_attacks(settings: AttackSettings, *, pipe=None, judge=None) -> dict:
         ctx.plain = ctx.asr_both(ctx.plain_items(), "plain")
         logger.info("plain target prompts: ASR base %.2f, ablated %.2f", ctx.plain["base"], ctx.plain["ablated"])
         results, tensors = [], {}
+        recorded = {a["attack"]: a for a in source["attacks"]} if source else {}
         for attack in settings.attacks:
             budget = settings.budget_of(attack)
             torch.manual_seed(settings.seed)  # nothing should draw from the global generator; belt and braces
             start = time.perf_counter()
-            out = ATTACKS[attack].run(ctx, budget)
-            tensors[attack] = out.pop("tensors", None)
+            if attack in replay.REPLAYABLE and attack in recorded:
+                out = replay.run(ctx, recorded[attack], settings.replay)
+            else:
+                out = ATTACKS[attack].run(ctx, budget)
+            out.pop("tensors", None)  # the attack's learned vectors are saved with its replay entries
+            folder = attack.replace("-", "_")
+            out["asr"] = {**out["asr"], "pre_attack": ctx.plain["ablated"],
+                          "post_attack": ctx.post_attack_asr(folder)}
+            if attack in replay.REPLAYABLE:
+                out["replay"], tensors[attack] = replay.entries(ctx.rendered.get(f"{folder}/ablated", []),
+                                                                 len(ctx.target_prompts))
             out = {"attack": attack, "budget": budget, "budget_unit": ATTACKS[attack].unit,
                    "wall_seconds": round(time.perf_counter() - start, 3), **out}
             results.append(out)
-            logger.info("%s: ASR base %s, ablated %s (%.1f s)", attack, out["asr"]["base"], out["asr"]["ablated"],
-                        out["wall_seconds"])
+            logger.info("%s: ASR base %s, ablated %s, post-attack %s (%.1f s)", attack, out["asr"]["base"],
+                        out["asr"]["ablated"], out["asr"]["post_attack"], out["wall_seconds"])
         rep = {
             "format": "ablation-attack/1",
             "base_model": settings.base, "ablated": settings.ablated, "judge": judge.model_id,
             "device": device.type,
             "task": {"name": task.name, "target": task.target, "anchor": task.anchor,
                      "concept_type": task.concept_type, "judge_texts": task.judge_texts},
-            "settings": {"seed": settings.seed, "num_prompts": settings.num_prompts,
+            "settings": {"seed": settings.seed, "family": settings.family, "num_prompts": settings.num_prompts,
                          "num_samples": settings.num_samples, "num_references": settings.num_references,
-                         "sampling": asdict(sampling), "seed_formula": "seed + 100000 * prompt_index + sample_index"},
+                         "sampling": asdict(sampling), "seed_formula": "seed + 100000 * prompt_index + sample_index",
+                         "budgets": {a: settings.budget_of(a) for a in settings.attacks},
+                         "replayed_from": settings.replay, "command": settings.command(),
+                         "versions": _versions()},
+            "asr_definition": ASR_DEFINITION,
             "plain": ctx.plain, "plain_prompts": ctx.target_prompts, "attacks": results,
         }
         report.write(rep, tmp, ctx.gallery, tensors)
@@ -187,6 +250,31 @@ def run_attacks(settings: AttackSettings, *, pipe=None, judge=None) -> dict:
     holder: dict = {}
     atomic_dir(settings.out, lambda tmp: holder.update(report=work(Path(tmp))))
     return holder["report"]
+
+
+#: written into every report (`attack.json`, `attack.md`)
+ASR_DEFINITION = {
+    "asr": "fraction of the images rendered from the attack's prompts or embeddings that the judge assigns to the "
+           "target rather than the anchor (one column per model)",
+    "pre_attack": "the ablated model's ASR on the plain, unattacked target prompts (UnlearnDiffAtk's pre-attack ASR)",
+    "post_attack": "UnlearnDiffAtk's post-attack ASR: per attacked image slot (item, sample), a success when the "
+                   "ablated model's image of the attack is judged the target or the unattacked image of the same "
+                   "plain prompt and sample already is; so pre_attack <= post_attack in expectation, and an attack "
+                   "cannot score below the ablation's own leak",
+}
+
+
+def _versions() -> dict:
+    """Library versions a pinned run depends on (same seed, same versions: same images)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("ablation", "torch", "diffusers", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _first_line(err: BaseException) -> str:

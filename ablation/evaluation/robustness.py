@@ -26,7 +26,7 @@ def robustness_rows(report: dict) -> list[dict]:
         row = {"attack": a["attack"], "budget": f"{a['budget']} {a['budget_unit']}",
                "plain_base": report["plain"]["base"], "plain_ablated": report["plain"]["ablated"],
                "attacked_base": a["asr"]["base"], "attacked_ablated": a["asr"]["ablated"],
-               "seconds": a["wall_seconds"]}
+               "post_attack": a["asr"].get("post_attack"), "seconds": a["wall_seconds"]}
         if a["attack"] == "relearn":
             row["steps_to_recover"] = a.get("details", {}).get("steps_to_recover")
         rows.append(row)
@@ -42,13 +42,17 @@ def markdown(table: dict[str, list[dict]]) -> str:
     lines = ["## Robustness (`--attacks`)", "",
              "ASR: fraction of images the judge assigns to the target rather than the anchor (`ablate attack`, "
              "default budgets; the full reports are under `attacks/`). `relearn`: fine-tuning steps until the "
-             "target's accuracy is back to half the base model's (`-`: not within the budget).", "",
-             "| run | attack | budget | plain, base | plain, ablated | attacked, base | attacked, ablated | "
-             "relearn steps | seconds (attack and its images) |", "|---|---|---|---|---|---|---|---|---|"]
+             "target's accuracy is back to half the base model's (`-`: not within the budget). Post-attack: "
+             "UnlearnDiffAtk's post-attack ASR (an image whose unattacked counterpart already shows the target "
+             "counts as a success; definition in each attack.json).", "",
+             "| run | attack | budget | plain, base | plain, ablated (pre-attack) | attacked, base | "
+             "attacked, ablated | post-attack | relearn steps | seconds (attack and its images) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for run, rows in table.items():
         for r in rows:
             lines.append(f"| {run} | {r['attack']} | {r['budget']} | {_fmt(r['plain_base'])} | "
                          f"{_fmt(r['plain_ablated'])} | {_fmt(r['attacked_base'])} | {_fmt(r['attacked_ablated'])} | "
+                         f"{_fmt(r.get('post_attack'))} | "
                          f"{_fmt(r.get('steps_to_recover')) if r['attack'] == 'relearn' else ''} | "
                          f"{r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
