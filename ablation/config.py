@@ -134,14 +134,15 @@ class TrainConfig:
         "--robust: bound of the perturbation, relative to the token norm (default: 0.1 for `ball`, 1.0 for the "
         "persistent adversaries)", default=None)
     robust_weight: float = _help("--robust: weight of the ablation loss on the adversarial conditioning", default=1.0)
-    robust_adversary: Literal["ball", "persistent", "prefix"] = _help(
+    robust_adversary: Literal["ball", "persistent", "prefix", "shifted"] = _help(
         "--robust: `ball` starts afresh each use and pushes the prediction away from the anchor's within "
         "--robust-radius of the target's own tokens; `persistent` keeps one perturbation of every token across "
         "steps and moves it, by --robust-steps steps per use, towards conditioning under which the model draws "
         "what the original model draws for the target, within --robust-radius; `prefix` does the same with five "
         "free input tokens in front of the target prompt, through the text encoder (as the `prefix` attack, "
-        "unbounded, --robust-radius scales its steps; one CLIP text encoder: SD 1.x/2.x). docs/robustness.md "
-        "measures them", default="persistent")
+        "unbounded, --robust-radius scales its steps; one CLIP text encoder: SD 1.x/2.x); `shifted` is `persistent` "
+        "on the target prompt behind 0-5 fresh random vocabulary tokens each use (the shift and context an "
+        "attacker's prefix brings; SD 1.x/2.x). docs/robustness.md measures them", default="persistent")
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float | None = _help("AdamW learning rate (base rate if --scale-lr)", default=None)

@@ -231,7 +231,7 @@ class PlanSettings:
 
     @classmethod
     def from_config(cls, config, device_type: str = "cuda") -> PlanSettings:
-        keeps = config.params == "embedding" or (config.robust and config.robust_adversary == "prefix")
+        keeps = config.params == "embedding" or (config.robust and config.robust_adversary in ("prefix", "shifted"))
         return cls(params=config.params, lora_rank=config.lora_rank, batch_size=config.train_batch_size,
                    prior_preservation=config.prior_preservation, resolution=config.resolution,
                    mixed_precision=config.mixed_precision, gradient_checkpointing=config.gradient_checkpointing,

@@ -198,7 +198,7 @@ class Objective:
         from ablation.adversary import adversarial_target_embeddings, target_positions
 
         cfg = self.cfg
-        if cfg.robust_adversary == "persistent":
+        if cfg.robust_adversary in ("persistent", "shifted"):
             return self._persistent_robust_loss(batch, teacher)
         if cfg.robust_adversary == "prefix":
             return self._prefix_robust_loss(batch, teacher)
@@ -234,6 +234,8 @@ class Objective:
 
         cfg = self.cfg
         target = batch.target_cond
+        if cfg.robust_adversary == "shifted":
+            target = self._shifted_target(batch)
         base = target.embeds.detach().float()
         if self.adversary is None:
             self.adversary = torch.zeros(base.shape[1:], device=base.device)
@@ -254,6 +256,24 @@ class Objective:
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
                                PromptEmbeddings((base + self.adversary).to(target.embeds.dtype), target.pooled))
         return losses.model_based_loss(student, teacher, batch.mask)
+
+    def _shifted_target(self, batch: Batch) -> PromptEmbeddings:
+        """The batch's target prompts behind 0-5 random vocabulary tokens (`--robust-adversary shifted`).
+
+        An attacker's prefix moves the target's words to later positions and gives them new context; a bounded
+        perturbation of the unshifted conditioning cannot reach that, so the persistent perturbation is applied to
+        these encodings instead. Fresh tokens each use, seeded by the micro-step (a resumed run draws the same).
+        """
+        from ablation.adversary import DEFAULT_TOKENS, encode, placeholder_id, prefixed, token_overrides
+
+        pipe = self.pipe
+        g = torch.Generator().manual_seed(batch.adversary_seed)
+        weight = pipe.text_encoder.get_input_embeddings().weight
+        k = int(torch.randint(0, DEFAULT_TOKENS + 1, (1,), generator=g))
+        texts = [prefixed(self.data.prompts[int(r)], k) for r in batch.target_rows]
+        vectors = weight[torch.randint(0, weight.shape[0] - 2, (max(k, 1),), generator=g)].detach()
+        with torch.no_grad(), token_overrides(pipe.text_encoder, placeholder_id(pipe.tokenizer), vectors):
+            return PromptEmbeddings(encode(pipe, texts, batch.noisy.device).float())
 
     def _prefix_robust_loss(self, batch: Batch, teacher: torch.Tensor) -> torch.Tensor:
         """Ablation loss on "<k free tokens> <target prompt>" (`--robust-adversary prefix`).

@@ -177,9 +177,10 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
         prior_preservation=any(needs_prior_preservation(c) for c in concepts),
         native_resolution=native, vae_scale_factor=multiple, family=family)
     check_family_options(resolved, family, clip_only=_clip_only(model_path, pipe))
-    if resolved.robust and resolved.robust_adversary == "prefix" and unet_config.get("addition_embed_type"):
-        raise ConfigError("--robust-adversary prefix drives one CLIP text encoder (SD 1.x / 2.x), not SDXL's two; "
-                          "use --robust-adversary persistent")
+    encodes = resolved.robust and resolved.robust_adversary in ("prefix", "shifted")
+    if encodes and unet_config.get("addition_embed_type"):
+        raise ConfigError(f"--robust-adversary {resolved.robust_adversary} drives one CLIP text encoder "
+                          "(SD 1.x / 2.x), not SDXL's two; use --robust-adversary persistent")
     check_image_source(resolved.anchor_images, resolved.retrieval, count=resolved.num_anchor_images)
     if resolved.memorized_image:  # bad files fail here, before any expensive work
         from ablation.data import load_reference_image

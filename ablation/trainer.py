@@ -292,7 +292,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
             logger.warning("the embedding group retrains the token rows of %s: common words, so every prompt that uses "
                            "them changes too (e.g. 'a white van' for 'Van Gogh'); use --params cross-attn to keep "
                            "other prompts", ", ".join(repr(w) for w in shared))
-    elif not (cfg.robust and cfg.robust_adversary == "prefix"):  # that adversary encodes prompts while training
+    elif not (cfg.robust and cfg.robust_adversary in ("prefix", "shifted")):  # these encode prompts while training
         # the prompt embeddings are fixed: the text encoders leave the device
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # SD3's T5 is text_encoder_3
             if getattr(pipe, name, None) is not None:

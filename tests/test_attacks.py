@@ -438,6 +438,9 @@ def test_robust_training_adds_the_adversarial_term(tmp_path, model_dir):
     prefix = train(build_config(None, {**values, "output_dir": str(tmp_path / "prefix"), "robust": True,
                                        "robust_every": 2, "robust_adversary": "prefix"}))
     assert prefix.losses[0] > plain.losses[0] and prefix.losses[0] != persistent.losses[0]
+    shifted = train(build_config(None, {**values, "output_dir": str(tmp_path / "shifted"), "robust": True,
+                                        "robust_every": 2, "robust_adversary": "shifted"}))
+    assert shifted.losses[0] > plain.losses[0] and shifted.losses[0] not in (persistent.losses[0], prefix.losses[0])
     # with the `same` teacher the adversary still aims at the original model (its tensors are kept for it)
     same = train(build_config(None, {**values, "output_dir": str(tmp_path / "same"), "robust": True,
                                      "robust_every": 2, "robust_adversary": "persistent", "teacher": "same"}))
