@@ -129,11 +129,13 @@ class TrainConfig:
         "back, and the ablation loss is applied to it too (AdvUnlearn / Receler style; costs --robust-steps extra "
         "forward and backward passes per use). Model-based variant, UNet groups", default=False)
     robust_every: int = _help("--robust: use the adversary every N micro-steps", default=1)
-    robust_steps: int = _help("--robust: ascent steps of the adversary", default=3)
+    robust_steps: int = _help("--robust: ascent steps of the adversary per use (6: measured on the toy world, "
+                              "docs/robustness.md)", default=6)
     robust_radius: float | None = _help(
         "--robust: bound of the perturbation, relative to the token norm (default: 0.1 for `ball`, 1.0 for the "
         "persistent adversaries)", default=None)
-    robust_weight: float = _help("--robust: weight of the ablation loss on the adversarial conditioning", default=1.0)
+    robust_weight: float = _help("--robust: weight of the ablation loss on the adversarial conditioning (4: measured "
+                                 "on the toy world, docs/robustness.md)", default=4.0)
     robust_adversary: Literal["ball", "persistent", "prefix", "shifted"] = _help(
         "--robust: `ball` starts afresh each use and pushes the prediction away from the anchor's within "
         "--robust-radius of the target's own tokens; `persistent` keeps one perturbation of every token across "

@@ -103,9 +103,9 @@ def summarise(base: dict, ablated: dict, family_concepts: set[str]) -> dict:
         others = [c for c in acc if c not in family_concepts]
         changed = sum(b != a for c in others for b, a in zip(base_labels[c], abl_labels[c], strict=True))
         total = sum(len(base_labels[c]) for c in others)
-        worst = max(others, key=lambda c: acc[c][0] - acc[c][1])
+        worst = max(others, key=lambda c: acc[c][0] - acc[c][1]) if others else None  # no controls left
         out[judge] = {"accuracy": {c: [round(b, 3), round(a, 3)] for c, (b, a) in acc.items()},
-                      "worst_other": [worst, round(acc[worst][0] - acc[worst][1], 3)],
+                      "worst_other": [worst, round(acc[worst][0] - acc[worst][1], 3)] if worst else None,
                       "changed_fraction": round(changed / max(total, 1), 4)}
     return out
 
