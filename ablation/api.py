@@ -241,8 +241,8 @@ def evaluate(ablated: AblationResult | str | Path | Sequence[AblationResult | st
     """
     from ablation.evaluation.evaluate import EvalSettings
     from ablation.evaluation.evaluate import evaluate as run_evaluation
-    from ablation.evaluation.generate import SamplingSettings
     from ablation.evaluation.selection import plan_evaluation, refresh_model_cards
+    from ablation.sampling.generate import SamplingSettings
 
     items = [ablated] if isinstance(ablated, AblationResult | str | Path) else list(ablated)
     runs = [str(i.run_dir if isinstance(i, AblationResult) else i) for i in items]

@@ -19,9 +19,11 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from ablation.flags import option as _help  # a field with its --help text
 
 ConceptType = Literal["instance", "style", "memorization", "nudity"]
 Variant = Literal["model-based", "image-based"]
@@ -60,10 +62,6 @@ class ConceptSpec:
     anchor: str
     concept_type: ConceptType | None = None
     anchor_prompts: str | None = None
-
-
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass

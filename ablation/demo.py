@@ -84,8 +84,8 @@ class Demo:
         """
         from ablation.checkpoint import load_ablated_pipeline
         from ablation.evaluation.evaluate import run_name
-        from ablation.evaluation.generate import set_scheduler
         from ablation.models import load_pipeline
+        from ablation.sampling.generate import set_scheduler
 
         settings = settings or DemoSettings()
         metas = check_sources(sources)

@@ -8,6 +8,7 @@ so a failed final rename leaves the previous version where it was.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -107,3 +108,16 @@ def clean_orphans(path: str | os.PathLike) -> list[Path]:
                 orphan.unlink(missing_ok=True)
             removed.append(orphan)
     return removed
+
+
+def json_safe(obj):
+    """`obj` as strict JSON values: NaN / inf -> None, tuples -> lists, numpy scalars -> Python, keys -> str."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and type(obj).__module__ == "numpy":  # numpy scalars, without importing numpy here
+        return json_safe(obj.item())
+    return obj

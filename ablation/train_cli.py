@@ -7,17 +7,14 @@ dataclass is the single list of options. Only flags actually given override the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import os
 import shutil
 import sys
 import traceback
-import types
-import typing
-from typing import Literal
 
 from ablation.config import ConfigError, TrainConfig, build_config, unknown_key_error
+from ablation.flags import add_arguments
 from ablation.quiet import quiet_libraries
 
 EXAMPLES = """examples:
@@ -27,41 +24,14 @@ EXAMPLES = """examples:
 """
 
 
-def _argument(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    help_ = f.metadata.get("help", "")
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    # SUPPRESS: an absent flag leaves no attribute, so YAML values survive (defaults < YAML < flags).
-    common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
-    if hint is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-    elif origin is Literal:
-        parser.add_argument(flag, choices=args, **common)
-    elif origin is list:
-        item = typing.get_args(hint)[0]
-        if f.name in ("target", "anchor"):  # repeatable, paired in order
-            parser.add_argument(flag, action="append", **common)
-        elif typing.get_origin(item) is Literal:
-            parser.add_argument(flag, nargs="+", choices=typing.get_args(item), **common)
-        else:
-            parser.add_argument(flag, nargs="+", **common)
-    else:
-        parser.add_argument(flag, type=hint if hint in (int, float) else str, **common)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one flag per `TrainConfig` field (except the YAML-only `concepts`)."""
     parser = argparse.ArgumentParser(
         prog="ablate train", description="Ablate concepts from a text-to-image diffusion model (Kumari et al. 2023).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False)
     parser.add_argument("--config", help="YAML recipe; flags given here override its values")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name != "concepts":
-            _argument(parser, f, hints[f.name])
+    # an absent flag sets nothing, so YAML values survive (defaults < YAML < flags); --target/--anchor are paired
+    add_arguments(parser, TrainConfig, skip=("concepts",), keep_absent=True, repeatable=("target", "anchor"))
     return parser
 
 

@@ -9,6 +9,7 @@ import torch
 from ablation.augment import blank_latent, prefixed
 from ablation.data import PromptEmbeddings
 from ablation.planning import RunPlan, slug
+from ablation.sampling.anchors import SamplerSettings
 
 
 @dataclass
@@ -93,7 +94,7 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
             negative = concept.target if concept.concept_type == "nudity" else None
             if negative is not None and not _takes_negative_prompt(pipe):
                 negative = None  # FLUX samples without classifier-free guidance: there is nothing to steer away
-            settings = data.SamplerSettings(model_key, concept.anchor_prompts, cfg.anchor_scheduler,
+            settings = SamplerSettings(model_key, concept.anchor_prompts, cfg.anchor_scheduler,
                                             cfg.anchor_steps, cfg.anchor_guidance, cfg.resolution,
                                             cfg.num_anchor_images, cfg.seed, precision=cfg.mixed_precision,
                                             negative_prompt=negative, trajectory=cfg.anchor_trajectory)

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     from ablation.evaluation.collateral import toy_controls, toy_judges
-    from ablation.evaluation.generate import SamplingSettings, cache_path, generate, set_scheduler
     from ablation.models import load_pipeline
+    from ablation.sampling.generate import SamplingSettings, cache_path, generate, set_scheduler
     from ablation.toyworld.catalog import slug
 
     controls = toy_controls()

@@ -3,7 +3,7 @@
     python eval/toy_upscaler_quality.py                          # the shipped upscaler
     python eval/toy_upscaler_quality.py --model DIR --json out.json
 
-The benchmark is `ablation.evaluation.upscale.toy_heldout_pairs`: held-out renders of every family (held-out
+The benchmark is `ablation.sampling.upscale.toy_heldout_pairs`: held-out renders of every family (held-out
 caption templates and seeds), 64 px, and their 16 px box-filtered reductions; the first 32 are the test set of
 `tests/test_toyworld_model.py`, renders 32-159 a second set that no choice was made on. Settings: one DDIM step
 without guidance (the UNet's estimate from pure noise, its posterior mean), 5 and 25 steps without guidance
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ablation.evaluation.metrics import psnr
-from ablation.evaluation.upscale import load_upscaler, toy_heldout_pairs, upscaler_psnr
+from ablation.sampling.upscale import load_upscaler, toy_heldout_pairs, upscaler_psnr
 from ablation.toyworld import upscaler_dir
 
 SETTINGS = {"1_step": dict(steps=1, guidance=1.0), "5_steps": dict(steps=5, guidance=1.0),

@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from ablation.evaluation.clip_judge import ClipJudge
-from ablation.evaluation.generate import SamplingSettings, jobs_for, set_scheduler
-from ablation.evaluation.inpaint import box_mask, inpaint, inpaint_pipeline
 from ablation.evaluation.metrics import clip_accuracy
 from ablation.evaluation.swap import ablated
-from ablation.evaluation.upscale import load_upscaler, upscale
 from ablation.models import load_pipeline
+from ablation.sampling.generate import SamplingSettings, jobs_for, set_scheduler
+from ablation.sampling.inpaint import box_mask, inpaint, inpaint_pipeline
+from ablation.sampling.upscale import load_upscaler, upscale
 from ablation.toyworld import catalog, clip_dir, upscaler_dir
 from ablation.toyworld.catalog import HELDOUT_SEED_OFFSET
 from ablation.toyworld.render import render_caption

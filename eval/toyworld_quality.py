@@ -149,7 +149,7 @@ def main() -> None:
     result["torch_threads"] = torch.get_num_threads()
 
     if not args.skip_upscaler:
-        from ablation.evaluation.upscale import load_upscaler, toy_heldout_pairs, upscaler_psnr
+        from ablation.sampling.upscale import load_upscaler, toy_heldout_pairs, upscaler_psnr
 
         up = load_upscaler(str(dirs["upscaler"]), device="cpu")
         captions, pairs = toy_heldout_pairs(32)

@@ -1,7 +1,8 @@
 """Benchmark an ablation run: anchor generation, training steps, end to end, peak memory.
 
 Prints one JSON object with, per model:
-  * `anchor_images_per_s`: `ablation.data.generate_latents` on the loaded pipeline (after one warm-up image);
+  * `anchor_images_per_s`: `ablation.sampling.anchors.generate_latents` on the loaded pipeline (after one warm-up
+    image);
   * `end_to_end_s`: `ablation.trainer.train` with an empty anchor cache (load, generate, train, write delta);
   * `train_steps_per_s`: from two more `train` runs on the warm cache with `steps` and `2 * steps` steps, so the
     fixed costs (loading, prompt encoding, the summary losses, writing the delta) cancel out;
@@ -131,10 +132,10 @@ def bench_model(name: str, args) -> dict:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read by accelerate's state: train() then stays on CPU
     import torch
 
-    from ablation import data
     from ablation.concepts import resolve_concepts
     from ablation.config import build_config
     from ablation.models import load_pipeline
+    from ablation.sampling import anchors
     from ablation.trainer import plan_run, train
 
     work = Path(args.workdir)
@@ -173,15 +174,15 @@ def bench_model(name: str, args) -> dict:
     # (a) anchor generation through the data module's public sampler
     pipe = load_pipeline(plan.model_path).to(args.device)
     (concept,) = resolve_concepts(cfg.concept_specs(), plan.toy)
-    settings = data.SamplerSettings("benchmark", concept.anchor_prompts, cfg.anchor_scheduler, cfg.anchor_steps,
+    settings = anchors.SamplerSettings("benchmark", concept.anchor_prompts, cfg.anchor_scheduler, cfg.anchor_steps,
                                     cfg.anchor_guidance, cfg.resolution, cfg.num_anchor_images, cfg.seed)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     autocast = torch.autocast(args.device, dtype=dtype) if dtype else torch.autocast(args.device, enabled=False)
     with autocast:
-        data.generate_latents(pipe, settings, [0], 1, disable_progress=True)  # warm-up (kernels, allocator)
+        anchors.generate_latents(pipe, settings, [0], 1, disable_progress=True)  # warm-up (kernels, allocator)
         _sync(args.device)
         t = time.perf_counter()
-        data.generate_latents(pipe, settings, list(range(cfg.num_anchor_images)), args.anchor_batch_size,
+        anchors.generate_latents(pipe, settings, list(range(cfg.num_anchor_images)), args.anchor_batch_size,
                               disable_progress=True)
         _sync(args.device)
     result["anchor_images_per_s"] = round(cfg.num_anchor_images / (time.perf_counter() - t), 4)

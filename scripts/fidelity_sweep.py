@@ -47,7 +47,7 @@ def concept_prompts(per_concept: int) -> dict[str, list[str]]:
 @torch.no_grad()
 def generate(pipe, prompts: dict[str, list[str]], steps: int, guidance: float, batch: int = 32) -> dict[str, list]:
     """Seeded images (seed = index within the concept) for every concept."""
-    from ablation.evaluation.generate import set_scheduler
+    from ablation.sampling.generate import set_scheduler
 
     set_scheduler(pipe, "ddim")  # SD3 (toy-sd3) keeps its own flow sampler
     pipe.set_progress_bar_config(disable=True)

@@ -134,9 +134,9 @@ def test_each_attack_writes_its_report(world, tmp_path, attack):
 def test_relearn_restores_the_ablated_weights_and_moves_during_training(world, tmp_path):
     from ablation.attacks import relearn
     from ablation.attacks.common import AttackContext
-    from ablation.evaluation.generate import SamplingSettings, set_scheduler
     from ablation.evaluation.prompts import toy_task
     from ablation.models import load_pipeline
+    from ablation.sampling.generate import SamplingSettings, set_scheduler
 
     pipe = load_pipeline(world["sd1"])
     set_scheduler(pipe, "ddim")

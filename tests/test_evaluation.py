@@ -13,10 +13,10 @@ from ablation.checkpoint import make_metadata, pipeline_config_hash, save_delta
 from ablation.cli import main
 from ablation.evaluation.clip_judge import ClipJudge
 from ablation.evaluation.evaluate import EvalSettings, evaluate
-from ablation.evaluation.generate import SamplingSettings, jobs_for, set_scheduler
-from ablation.evaluation.inpaint import box_mask, inpaint, inpaint_pipeline
 from ablation.evaluation.prompts import adhoc_task, load_prompts, paper_task, paper_task_names, toy_task
 from ablation.evaluation.swap import ablated
+from ablation.sampling.generate import SamplingSettings, jobs_for, set_scheduler
+from ablation.sampling.inpaint import box_mask, inpaint, inpaint_pipeline
 from ablation.testing import tiny_clip, tiny_pipeline
 from ablation.toyworld import catalog
 

@@ -79,7 +79,7 @@ def test_upscaler_beats_bicubic_by_1db_on_heldout_renders(tmp_path):
     UNet's estimate from pure noise, i.e. its posterior mean): it beats bicubic interpolation by >= 1 dB; and
     `ablate upscale --model toy` with no sampling flags uses those settings (it lost to bicubic at 50 steps, 6)."""
     from ablation.cli import main
-    from ablation.evaluation.upscale import load_upscaler, toy_heldout_pairs, upscale_defaults, upscaler_psnr
+    from ablation.sampling.upscale import load_upscaler, toy_heldout_pairs, upscale_defaults, upscaler_psnr
 
     up = load_upscaler("toy", device="cpu")
     assert up.scheduler.config.timestep_spacing == "trailing"  # one step starts at t = 999, not at t = 0

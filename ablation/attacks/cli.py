@@ -3,8 +3,8 @@
     ablate attack --ablated outputs/grumpy-cat --attack all --out outputs/grumpy-cat/attack
     ablate attack --base toy --ablated outputs/grumpy-cat --attack inversion --budget 100 --seed 1 --out DIR
 
-Flags -> `AttackSettings`; the work is `ablation.attacks.runner.run_attacks`, the attacks are
-`ablation.attacks.registry.ATTACKS`.
+Flags are generated from `AttackSettings` (`ablation.flags`; `--attack` and `--budget` are parsed here); the
+work is `ablation.attacks.runner.run_attacks`, the attacks are `ablation.attacks.registry.ATTACKS`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ablation.attacks.registry import ATTACKS
 from ablation.attacks.runner import AttackSettings, resolve_task, run_attacks
-from ablation.config import GUIDANCE, ConfigError
+from ablation.config import ConfigError
+from ablation.flags import add_arguments
 
 logger = logging.getLogger("ablation.attacks")
 
@@ -26,32 +27,12 @@ def parse(argv: list[str]) -> AttackSettings:
     p = argparse.ArgumentParser(prog="ablate attack", description="Attack an ablated model: can the concept come "
                                 "back? Writes attack.json / attack.md with grids; ASR beside the base model's and "
                                 "the plain target prompts'.")
-    p.add_argument("--base", default="toy", help="base model (default: toy)")
-    p.add_argument("--ablated", required=True, help="run dir, delta file, LoRA dir or pipeline dir")
     p.add_argument("--attack", action="append", default=[],
                    help=f"attack (repeatable): {', '.join(ATTACKS)} or all (default: prompts)")
     p.add_argument("--budget", action="append", default=[],
                    help="N for every attack, or KIND=N for one (repeatable; default per attack: " +
                    ", ".join(f"{k} {v.budget} {v.unit}" for k, v in ATTACKS.items()) + ")")
-    p.add_argument("--seed", type=int, default=0, help="seed of every image and of the attacks' randomness")
-    p.add_argument("--out", required=True, help="report folder (replaced atomically)")
-    p.add_argument("--family", default=None, help="task (toy family or paper prompt set; default: the run's concept)")
-    p.add_argument("--target", default=None, help="target concept (default: the run's)")
-    p.add_argument("--anchor", default=None, help="anchor of --target when it has no prompt set")
-    p.add_argument("--prompts", dest="prompts_file", default=None,
-                   help="your own attack prompts for `prompts` (.txt one a line, or a .json/.yaml list)")
-    p.add_argument("--clip", default=None, help="CLIP judge (default: toy CLIP for toy, else ViT-L/14)")
-    p.add_argument("--num-prompts", type=int, default=4, help="target prompts attacked (default 4)")
-    p.add_argument("--num-samples", type=int, default=2, help="images per prompt and model (default 2)")
-    p.add_argument("--num-references", type=int, default=8, help="base-model images of the target (default 8)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps of every image (default 25)")
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance (default 6)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--replay", default=None, metavar="DIR",
-                   help="render the prompts and embeddings an earlier `ablate attack` run saved in DIR on --ablated "
-                   "(no search; its seed, budgets, images per prompt, sampling and task are used; relearn is re-run "
-                   "with its budget); --attack picks some of its attacks (default: all of them)")
+    add_arguments(p, AttackSettings, skip=("attacks", "budget", "budgets"))
     args = p.parse_args(argv)
     attacks = args.attack
     if "all" in attacks:

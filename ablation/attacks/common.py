@@ -2,7 +2,7 @@
 
 The attacks see one loaded base pipeline; `AttackContext.ablated()` puts the ablation on it and takes it
 off again (`ablation.evaluation.swap.ablated`), so base and ablated models cost one load. Images come
-from `ablation.evaluation.generate` (one CPU generator per image), so the base and the ablated model
+from `ablation.sampling.generate` (one CPU generator per image), so the base and the ablated model
 get the same noise for the same prompt and sample, and a run is a pure function of its seed.
 
 Learned token embeddings (textual inversion, prefix tokens, the robust mode's perturbations) enter the
@@ -25,7 +25,7 @@ from PIL import Image
 
 from ablation.adversary import PLACEHOLDER, encode, placeholder_id, token_overrides  # noqa: F401 (the attacks' API)
 from ablation.config import ConfigError
-from ablation.evaluation.generate import Job, SamplingSettings, generate
+from ablation.sampling.generate import Job, SamplingSettings, generate
 
 #: images of the attack's references are seeded from here on, far from the evaluation seeds
 REFERENCE_SEED_OFFSET = 10_000_000
@@ -120,7 +120,7 @@ def encode_latents(pipe, images: Sequence[Image.Image], seed: int) -> torch.Tens
 
 def reference_jobs(prompts: Sequence[str], count: int, seed: int) -> list[Job]:
     """`count` jobs round-robin over prompts, seeded away from every evaluation image."""
-    from ablation.evaluation.generate import jobs_for_total
+    from ablation.sampling.generate import jobs_for_total
 
     return jobs_for_total(list(prompts), count, seed + REFERENCE_SEED_OFFSET)
 
@@ -209,7 +209,7 @@ class AttackContext:
         Item i's sample s has seed `seed + 100000 * i + s` (as `ablate eval`), whatever else is rendered.
         Items sharing one vectors tensor (or none) are rendered in shared batches.
         """
-        from ablation.evaluation.generate import seed_for
+        from ablation.sampling.generate import seed_for
 
         path_for = None
         if folder is not None and self.out_dir is not None:

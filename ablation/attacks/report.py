@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ablation.io import json_safe
+
 TILE = 96
 LABEL = 170
 
@@ -29,17 +31,6 @@ def grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], columns: int = 8) ->
         for c, image in enumerate(list(images)[:columns]):
             canvas.paste(image.convert("RGB").resize((TILE, TILE)), (LABEL + c * TILE, r * TILE))
     return canvas
-
-
-def json_safe(obj):
-    """NaN -> None, tuples -> lists (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def markdown(report: dict) -> str:

@@ -8,11 +8,12 @@ Everything is checked before the model is loaded; the report folder is written a
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ablation.attacks.registry import ATTACKS
 from ablation.config import GUIDANCE, ConfigError
+from ablation.flags import option
 
 logger = logging.getLogger("ablation.attacks")
 
@@ -20,26 +21,31 @@ logger = logging.getLogger("ablation.attacks")
 class AttackSettings:
     """One `ablate attack` run (validated by `check`)."""
 
-    base: str = "toy"
-    ablated: str = ""
-    attacks: tuple[str, ...] = ()  # () -> ("prompts",), or with `replay` every attack of that report
-    budget: int | None = None
-    budgets: dict[str, int] = field(default_factory=dict)
-    seed: int = 0
-    out: str = ""
-    family: str | None = None
-    target: str | None = None
-    anchor: str | None = None
-    prompts_file: str | None = None
-    clip: str | None = None
-    num_prompts: int = 4
-    num_samples: int = 2
-    num_references: int = 8
-    steps: int = 25
-    guidance: float = GUIDANCE
-    batch_size: int = 8
-    device: str | None = None
-    replay: str | None = None
+    base: str = option("base model", default="toy")
+    ablated: str = option("run dir, delta file, LoRA dir or pipeline dir (required)", default="")
+    attacks: tuple[str, ...] = option(  # flag: --attack (repeatable), parsed by the CLI
+        "attacks; () -> prompts, or with `replay` every attack of that report", default=())
+    budget: int | None = option("budget of every attack", default=None)  # flag: --budget N or KIND=N
+    budgets: dict[str, int] = option("budget per attack", default_factory=dict)
+    seed: int = option("seed of every image and of the attacks' randomness", default=0)
+    out: str = option("report folder (replaced atomically; required)", default="")
+    family: str | None = option("task (toy family or paper prompt set; default: the run's concept)", default=None)
+    target: str | None = option("target concept (default: the run's)", default=None)
+    anchor: str | None = option("anchor of --target when it has no prompt set", default=None)
+    prompts_file: str | None = option("your own attack prompts for `prompts` (.txt one a line, or a .json/.yaml "
+                                      "list)", default=None, flag="--prompts", metavar="FILE")
+    clip: str | None = option("CLIP judge (default: toy CLIP for toy, else ViT-L/14)", default=None)
+    num_prompts: int = option("target prompts attacked", default=4)
+    num_samples: int = option("images per prompt and model", default=2)
+    num_references: int = option("base-model images of the target for the embedding attacks", default=8)
+    steps: int = option("denoising steps of every image", default=25)
+    guidance: float = option("classifier-free guidance", default=GUIDANCE)
+    batch_size: int = option("images per pipeline call", default=8)
+    device: str | None = option("cuda, cpu, ... (default: cuda when available)", default=None)
+    replay: str | None = option(
+        "render the prompts and embeddings an earlier `ablate attack` run saved in DIR on --ablated (no search; its "
+        "seed, budgets, images per prompt, sampling and task are used; relearn is re-run with its budget); --attack "
+        "picks some of its attacks (default: all of them)", default=None, metavar="DIR")
 
     def budget_of(self, attack: str) -> int:
         """`--budget KIND=N`, else `--budget N`, else the attack's default."""
@@ -164,8 +170,8 @@ def run_attacks(settings: AttackSettings, *, pipe=None, judge=None) -> dict:
     from ablation.attacks.common import AttackContext
     from ablation.checkpoint import read_metadata, resolve_delta
     from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
-    from ablation.evaluation.generate import SamplingSettings, set_scheduler
     from ablation.io import atomic_dir
+    from ablation.sampling.generate import SamplingSettings, set_scheduler
 
     settings.check()
     task = resolve_task(settings)

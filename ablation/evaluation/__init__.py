@@ -1,13 +1,11 @@
-"""Evaluation of ablated models: generation, inpainting, upscaling, CLIP-based metrics and reports.
+"""Evaluation of ablated models: CLIP-based metrics and reports (the images come from `ablation.sampling`).
 
 Modules, one concern each:
 
 * `metrics`: pure metric functions (CLIP score/accuracy, family accuracy, KID, memorization, PSNR);
 * `clip_judge`: the CLIP model that embeds images and texts;
 * `prompts`: evaluation tasks (target, anchor, surrounding concepts and their prompts) and prompt files;
-* `generate`: seeded, batched, cached text-to-image sampling and manifests;
 * `swap`: applying a run's ablation to a loaded base pipeline and restoring it;
-* `inpaint`, `upscale`: the other two base pipelines evaluation uses;
 * `selection`: which concepts a run is evaluated on;
 * `collateral`: control concepts outside the evaluated tasks, base vs ablated, judged by CLIP and (toy
   world) the toy concept classifier; `collateral.measure` for tests and benchmarks;

@@ -24,7 +24,7 @@ logger = logging.getLogger("ablation.evaluation")
 def _add_sampling(p: argparse.ArgumentParser, steps: int | None = 50, guidance: float | None = GUIDANCE,
                   batch_size: int | None = 8, steps_help: str | None = None, batch_help: str | None = None,
                   guidance_help: str | None = None) -> None:
-    from ablation.evaluation.generate import SCHEDULERS
+    from ablation.sampling.generate import SCHEDULERS
 
     g = p.add_argument_group("sampling")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default: ddim, as the paper)")
@@ -42,7 +42,7 @@ def _add_sampling(p: argparse.ArgumentParser, steps: int | None = 50, guidance: 
 
 
 def _sampling(args):
-    from ablation.evaluation.generate import SamplingSettings
+    from ablation.sampling.generate import SamplingSettings
 
     return SamplingSettings(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, height=args.height,
                             width=args.width, negative_prompt=args.negative_prompt)
@@ -66,8 +66,8 @@ def _load(model: str, args, pipeline_fn=None):
 
     from ablation.evaluation.clip_judge import auto_device
     from ablation.evaluation.evaluate import DTYPES
-    from ablation.evaluation.generate import set_scheduler
     from ablation.models import load_pipeline
+    from ablation.sampling.generate import set_scheduler
 
     device = torch.device(args.device) if args.device else auto_device()
     pipe = load_pipeline(model, torch_dtype=DTYPES[args.dtype]).to(device)
@@ -101,10 +101,10 @@ def generate_main(argv: list[str]) -> int:
     _add_sampling(p)
     args = p.parse_args(argv)
     _setup_logging()
-    from ablation.evaluation.generate import generate, jobs_for, write_manifest
     from ablation.evaluation.prompts import load_prompts
     from ablation.evaluation.swap import ablated
     from ablation.models import is_toy
+    from ablation.sampling.generate import generate, jobs_for, write_manifest
 
     try:
         prompts = [q for spec in args.prompts for q in load_prompts(spec, toy=is_toy(args.model))] + args.prompt
@@ -165,9 +165,9 @@ def inpaint_main(argv: list[str]) -> int:
     _setup_logging()
     from PIL import Image
 
-    from ablation.evaluation.generate import jobs_for, write_manifest
-    from ablation.evaluation.inpaint import box_mask, inpaint, inpaint_pipeline
     from ablation.evaluation.swap import ablated
+    from ablation.sampling.generate import jobs_for, write_manifest
+    from ablation.sampling.inpaint import box_mask, inpaint, inpaint_pipeline
 
     with Image.open(args.image) as im:
         image = im.convert("RGB")
@@ -220,7 +220,7 @@ def upscale_main(argv: list[str]) -> int:
     from PIL import Image
 
     from ablation.evaluation.evaluate import DTYPES
-    from ablation.evaluation.upscale import load_upscaler, score_upscaled, upscale
+    from ablation.sampling.upscale import load_upscaler, score_upscaled, upscale
 
     if len(args.prompt) not in (1, len(args.image)):
         return _fail(f"give one --prompt or one per --image ({len(args.image)})")
@@ -232,10 +232,10 @@ def upscale_main(argv: list[str]) -> int:
         pipe = load_upscaler(args.model, args.device, DTYPES[args.dtype])
     except FileNotFoundError as err:
         return _fail(str(err))
-    from ablation.evaluation.generate import set_scheduler
+    from ablation.sampling.generate import set_scheduler
 
     set_scheduler(pipe, args.scheduler)
-    from ablation.evaluation.upscale import upscale_defaults
+    from ablation.sampling.upscale import upscale_defaults
 
     steps, guidance = upscale_defaults(pipe)
     kwargs = dict(seed=args.seed, steps=steps if args.steps is None else args.steps,

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from ablation.config import GUIDANCE
-from ablation.evaluation.generate import Job, SamplingSettings, generate, jobs_for_total
+from ablation.sampling.generate import Job, SamplingSettings, generate, jobs_for_total
 
 CONTROLS_FILE = Path(__file__).parent / "prompt_sets" / "controls.yaml"
 JUDGES = ("classifier", "clip")
@@ -177,7 +177,7 @@ def summarize(concepts: Sequence[str], base: dict[str, list[str]], ablated: dict
 
 @contextlib.contextmanager
 def _scheduler(pipe, name: str) -> Iterator:
-    from ablation.evaluation.generate import set_scheduler
+    from ablation.sampling.generate import set_scheduler
 
     original = pipe.scheduler
     set_scheduler(pipe, name)

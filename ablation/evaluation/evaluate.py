@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +20,9 @@ import torch
 from PIL import Image
 
 from ablation.evaluation import metrics
-from ablation.evaluation.generate import Job, SamplingSettings, cache_path, generate, jobs_for, jobs_for_total
 from ablation.evaluation.prompts import ConceptTask
 from ablation.models import torch_dtype
+from ablation.sampling.generate import Job, SamplingSettings, cache_path, generate, jobs_for, jobs_for_total
 
 logger = logging.getLogger(__name__)
 REPORT_FORMAT = "ablation-eval/1"
@@ -179,8 +178,8 @@ def score_concept(task: ConceptTask, concept: str, images: ConceptImages, judge,
 
 
 def _load_base(model: str, device: torch.device, dtype: str, scheduler: str):
-    from ablation.evaluation.generate import set_scheduler
     from ablation.models import load_pipeline
+    from ablation.sampling.generate import set_scheduler
 
     pipe = load_pipeline(model, torch_dtype=DTYPES[dtype]).to(device)
     set_scheduler(pipe, scheduler)
@@ -239,9 +238,9 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
     """
     from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
     from ablation.evaluation.collateral import summarize
-    from ablation.evaluation.generate import set_scheduler
     from ablation.evaluation.report import write_report
     from ablation.evaluation.swap import DeltaCache, ablated
+    from ablation.sampling.generate import set_scheduler
 
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
@@ -443,14 +442,3 @@ def compare(base: dict, ablated: dict) -> list[dict]:
     return rows
 
 
-def json_safe(obj):
-    """NaN/inf -> None so that `report.json` is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj

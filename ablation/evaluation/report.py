@@ -32,7 +32,7 @@ def write_report(report: dict, out_dir: Path, tasks: Sequence[ConceptTask],
         paths: model name -> (task, concept) -> (prompt, image path) in job order.
         grid_prompts: prompts per concept shown in each grid.
     """
-    from ablation.evaluation.evaluate import json_safe
+    from ablation.io import json_safe
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

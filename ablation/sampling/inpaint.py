@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from ablation.evaluation.generate import Job, Sample, SamplingSettings, generate
+from ablation.sampling.generate import Job, Sample, SamplingSettings, generate
 
 MASK_BOXES = ("center", "random")
 
@@ -75,7 +75,7 @@ def inpaint(pipe, image: Image.Image, mask: Image.Image, jobs: Sequence[Job], se
         pipe: an inpainting pipeline (`inpaint_pipeline`), scheduler already set.
         image: the input image; its size (rounded down to a multiple of 8) is the output size.
         mask: white where the image is repainted.
-        jobs: prompts and seeds (see `ablation.evaluation.generate.jobs_for`).
+        jobs: prompts and seeds (see `ablation.sampling.generate.jobs_for`).
         settings: sampling settings (height/width default to the image's).
         strength: 1.0 ignores the masked content; lower keeps some of it.
         paste_back: paste the original pixels outside the mask over the result (the decoder otherwise
