@@ -492,8 +492,11 @@ def check_family_options(config, family: str, clip_only: bool = False) -> None:
             raise ConfigError("--params text-kv+embedders is a group of SD3/FLUX transformers; UNet models train "
                               "cross-attn, attn, full or embedding")
         return
-    if getattr(config, "robust", False):
-        raise ConfigError(f"--robust is implemented for UNet models (SD1/SD2/SDXL), not {family}")
+    if getattr(config, "robust", False) and config.robust_adversary != "persistent":
+        # the persistent adversary moves the conditioning itself, whatever encodes it; the others drive a UNet
+        # (`ball`) or one CLIP text encoder (`prefix`, `shifted`)
+        raise ConfigError(f"--robust-adversary {config.robust_adversary} is implemented for UNet models "
+                          f"(SD1/SD2/SDXL), not {family}; use --robust-adversary persistent (the default)")
     if config.params == "embedding" and clip_only:
         pass  # SD3 without T5: the prompts reach the transformer through the CLIP towers only
     elif config.params not in MMDIT_GROUPS:

@@ -11,6 +11,7 @@ losses are the same code for every family.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -246,15 +247,16 @@ class Objective:
             for _ in range(cfg.robust_steps):
                 delta = delta.detach().requires_grad_(True)
                 pred = self.predict(self.base_unet, batch.noisy, batch.timesteps,
-                                    PromptEmbeddings((base + delta).to(target.embeds.dtype), target.pooled))
+                                    dataclasses.replace(target, embeds=(base + delta).to(target.embeds.dtype)))
                 loss = losses.model_based_loss(pred, original, batch.mask)
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                     delta = project_per_token(delta - (2.5 / cfg.robust_steps) * 0.1 * bound * step, bound)
         self.adversary = _one_adversary(delta)
+        # dataclasses.replace keeps the conditioning's type: SD3 / FLUX `Conditioning` (FLUX's text ids) too
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
-                               PromptEmbeddings((base + self.adversary).to(target.embeds.dtype), target.pooled))
+                               dataclasses.replace(target, embeds=(base + self.adversary).to(target.embeds.dtype)))
         return losses.model_based_loss(student, teacher, batch.mask)
 
     def _shifted_target(self, batch: Batch) -> PromptEmbeddings:

@@ -169,3 +169,21 @@ def test_planning_resolves_mmdit_defaults_and_refuses_what_does_not_apply(mmdit_
     with pytest.raises(ConfigError, match="needs --lora-rank"):
         plan(model_dir, export=["lora"])
     assert plan(mmdit_dirs["flux"], export=["lora"]).lora_rank == 16
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_robust_persistent_adversary_runs_on_mmdit_and_the_others_are_refused(kind, mmdit_dirs, tmp_path):
+    """--robust (the persistent adversary moves the conditioning itself) on SD3 / FLUX: the loss gains its `robust`
+    part (the first step's loss is the plain run's plus a positive term), the run is deterministic, and the UNet-only adversaries are refused before any work."""
+    values = _values(mmdit_dirs[kind], tmp_path, lora_rank=4, learning_rate=3e-2, max_steps=3)
+    plain = train(build_config(None, {**values, "output_dir": str(tmp_path / "plain")}))
+    robust = train(build_config(None, {**values, "output_dir": str(tmp_path / "robust"), "robust": True,
+                                       "robust_weight": 1.0}))
+    again = train(build_config(None, {**values, "output_dir": str(tmp_path / "again"), "robust": True,
+                                      "robust_weight": 1.0}))
+    assert robust.losses == again.losses
+    # step 0: same batch and weights, plus the (positive) ablation loss on the adversarial conditioning
+    assert robust.losses[0] > plain.losses[0]
+    for adversary in ("ball", "prefix", "shifted"):
+        with pytest.raises(ConfigError, match="use --robust-adversary persistent"):
+            plan_run(build_config(None, {**values, "robust": True, "robust_adversary": adversary}))
