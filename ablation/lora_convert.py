@@ -222,3 +222,54 @@ def kohya_state_dict(lora_state: Mapping[str, dict], text_encoders: int = 1) -> 
             else:
                 out[f"{name}.lora_up.weight"] = tensor.detach().cpu().float().contiguous()
     return out
+
+
+#: FLUX double-stream block i's text-stream projections -> the fused kohya / BFL module that holds them
+_FLUX_TEXT_QKV = re.compile(r"^transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj$")
+
+
+def kohya_flux_state_dict(lora_state: Mapping[str, dict]) -> dict[str, torch.Tensor]:
+    """A FLUX transformer's text-stream LoRA in kohya-ss's FLUX layout (what ComfyUI and diffusers' kohya loader read).
+
+    kohya and the original (BFL) FLUX checkpoint fuse each double-stream block's text q, k and v into one linear,
+    `double_blocks.<i>.txt_attn.qkv`; diffusers keeps `add_q_proj`, `add_k_proj`, `add_v_proj`. A LoRA on some of
+    them becomes one LoRA of rank 3r on the fused module: `lora_down` stacks the parts' A (zeros for a part
+    without LoRA), `lora_up` is block-diagonal in their B, so it changes exactly the parts that were trained (the
+    layout diffusers' `_convert_kohya_flux_lora_to_diffusers` recognises as sparse and splits back). alpha is
+    scale x 3r, as the tools scale by alpha / rank.
+
+    Raises:
+        ValueError: a LoRA module outside the double blocks' text q/k/v (no exact fused form written here), or
+            parts of one block with different ranks or scales.
+    """
+    out: dict[str, torch.Tensor] = {}
+    blocks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    entry = lora_state.get("transformer")
+    others = sorted(set(lora_state) - {"transformer"})
+    if others or entry is None:
+        raise ValueError(f"kohya FLUX export covers the transformer only, not {others}")
+    modules = {key.partition(".lora_")[0] for key in entry["state_dict"]}
+    for module in sorted(modules):
+        match = _FLUX_TEXT_QKV.match(module)
+        if not match:
+            raise ValueError(f"transformer.{module}: only the double blocks' text q/k/v have a kohya FLUX form here")
+        a = entry["state_dict"][f"{module}.lora_A.weight"].detach().cpu().float()
+        b = entry["state_dict"][f"{module}.lora_B.weight"].detach().cpu().float()
+        blocks.setdefault(int(match[1]), {})[match[2]] = (a, b, lora_scale(entry.get("config"), module))
+    for index, parts in sorted(blocks.items()):
+        (a0, b0, scale), *_ = parts.values()
+        rank, d_in, d_out = a0.shape[0], a0.shape[1], b0.shape[0]
+        if any(a.shape[0] != rank or not math.isclose(sc, scale) for a, _, sc in parts.values()):
+            raise ValueError(f"double block {index}: its text q/k/v LoRAs differ in rank or scale")
+        down = torch.zeros(3 * rank, d_in)
+        up = torch.zeros(3 * d_out, 3 * rank)
+        for slot, name in enumerate("qkv"):
+            if name in parts:
+                a, b, _ = parts[name]
+                down[slot * rank:(slot + 1) * rank] = a
+                up[slot * d_out:(slot + 1) * d_out, slot * rank:(slot + 1) * rank] = b
+        key = f"lora_unet_double_blocks_{index}_txt_attn_qkv"
+        out[f"{key}.lora_down.weight"] = down.contiguous()
+        out[f"{key}.lora_up.weight"] = up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(scale * 3 * rank, dtype=torch.float32)
+    return out

@@ -101,6 +101,18 @@ def test_lora_and_pipeline_exports_reload(kind, mmdit_dirs, tmp_path):
     assert (tmp_path / "run" / "lora" / LORA_WEIGHT_NAME).is_file()
     fresh.load_lora_weights(str(tmp_path / "run" / "lora"))
     torch.testing.assert_close(_probe(fresh), trained, rtol=1e-5, atol=1e-6)
+    kohya = sorted((tmp_path / "run" / "lora").glob("*_kohya.safetensors"))
+    if kind == "flux":  # the fused txt_attn.qkv layout, read back by diffusers' own kohya-FLUX converter
+        with safe_open(str(kohya[0]), "pt") as f:
+            keys, meta = set(f.keys()), f.metadata()
+        assert keys == {f"lora_unet_double_blocks_{i}_txt_attn_qkv.{leaf}" for i in range(2)
+                        for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
+        assert meta["ss_base_model_version"] == "flux1"
+        via_kohya = load_pipeline(mmdit_dirs[kind])
+        via_kohya.load_lora_weights(str(kohya[0].parent), weight_name=kohya[0].name)
+        torch.testing.assert_close(_probe(via_kohya), trained, rtol=1e-5, atol=1e-6)
+    else:
+        assert kohya == []  # SD3: diffusers' layout only (no SD3 kohya loader to check a file against)
 
     exported = load_pipeline(str(tmp_path / "run" / "pipeline"))
     assert type(exported) is type(result.pipeline)
