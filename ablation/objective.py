@@ -238,11 +238,18 @@ class Objective:
         if cfg.robust_adversary == "shifted":
             target = self._shifted_target(batch)
         base = target.embeds.detach().float()
-        if self.adversary is None:
-            self.adversary = torch.zeros(base.shape[1:], device=base.device)
         bound = cfg.robust_radius * base.norm(dim=-1).mean()
+        bank = cfg.robust_bank
+        if self.adversary is None:
+            if bank == 1:
+                self.adversary = torch.zeros(base.shape[1:], device=base.device)
+            else:  # several perturbations, each from its own seeded random start inside the bound
+                g = torch.Generator().manual_seed(cfg.seed)
+                noise = torch.randn((bank, *base.shape[1:]), generator=g).to(base.device)
+                self.adversary = project_per_token(noise, bound) * torch.rand(bank, 1, 1, generator=g).to(base.device)
+        slot = batch.adversary_seed % bank
         original = self.original(batch, target)  # what the unablated model draws for the target
-        delta = self.adversary
+        delta = self.adversary if bank == 1 else self.adversary[slot]
         with torch.enable_grad():
             for _ in range(cfg.robust_steps):
                 delta = delta.detach().requires_grad_(True)
@@ -253,10 +260,15 @@ class Objective:
                 with torch.no_grad():
                     step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                     delta = project_per_token(delta - (2.5 / cfg.robust_steps) * 0.1 * bound * step, bound)
-        self.adversary = _one_adversary(delta)
+        moved = _one_adversary(delta)
+        if bank == 1:
+            self.adversary = moved
+        else:
+            self.adversary = self.adversary.clone()
+            self.adversary[slot] = moved
         # dataclasses.replace keeps the conditioning's type: SD3 / FLUX `Conditioning` (FLUX's text ids) too
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
-                               dataclasses.replace(target, embeds=(base + self.adversary).to(target.embeds.dtype)))
+                               dataclasses.replace(target, embeds=(base + moved).to(target.embeds.dtype)))
         return losses.model_based_loss(student, teacher, batch.mask)
 
     def _shifted_target(self, batch: Batch) -> PromptEmbeddings:

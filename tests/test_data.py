@@ -17,17 +17,17 @@ from PIL import Image
 
 from ablation import data
 from ablation.config import ConfigError
-from ablation.sampling import anchors
+from ablation.sampling import anchors as anchor_sampling
 from ablation.testing import tiny_components, tiny_pipeline
 
 PROMPTS = ("a photo of a cat", "a cat on a sofa")
 
 
-def settings(key: str, **overrides) -> anchors.SamplerSettings:
+def settings(key: str, **overrides) -> anchor_sampling.SamplerSettings:
     values = dict(model_key=key, prompts=PROMPTS, scheduler="ddim", steps=2, guidance=3.0, resolution=32, count=2,
                   seed=7)
     values.update(overrides)
-    return anchors.SamplerSettings(**values)
+    return anchor_sampling.SamplerSettings(**values)
 
 
 def key(pipe, revision=None) -> str:
@@ -114,7 +114,7 @@ def test_cache_hits_when_nothing_changes_and_misses_after_a_change(tmp_path):
 
 def test_trajectory_states_are_the_samplers_states_at_their_timesteps():
     pipe = tiny_pipeline("sd1")
-    columns = anchors.generate_latents(pipe, settings(key(pipe), steps=4, count=1, trajectory=True), [0], 1,
+    columns = anchor_sampling.generate_latents(pipe, settings(key(pipe), steps=4, count=1, trajectory=True), [0], 1,
                                     disable_progress=True)
     states = torch.from_numpy(np.stack(columns["trajectory"]))[0]
     assert states.shape == (4, 4, 16, 16)
@@ -161,8 +161,8 @@ def test_trajectory_is_cached_and_keys_of_plain_anchors_are_unchanged(tmp_path):
 
 def test_negative_prompt_reaches_the_pipeline():
     pipe = tiny_pipeline("sd1")
-    plain = anchors.generate_latents(pipe, settings("k"), [0, 1], batch_size=2)
-    negative = anchors.generate_latents(pipe, settings("k", negative_prompt="nudity"), [0, 1], batch_size=2)
+    plain = anchor_sampling.generate_latents(pipe, settings("k"), [0, 1], batch_size=2)
+    negative = anchor_sampling.generate_latents(pipe, settings("k", negative_prompt="nudity"), [0, 1], batch_size=2)
     plain_latents, negative_latents = np.stack(plain["latents"]), np.stack(negative["latents"])
     assert np.abs(plain_latents - negative_latents).max() > 1e-4
 
@@ -229,8 +229,8 @@ def test_copy_filter_resamples_copies_with_fresh_seeds(tmp_path):
     assert anchors.generated and len(anchors.latents) == 4
     assert anchors.prompt_index.tolist() == [0, 1, 0, 1]  # a replacement keeps its slot's prompt
     # slots 0 and 1 were copies: resampled in round 1 with seed + 1 * count + k; slots 2, 3 kept seed + k
-    replaced = anchors.generate_latents(pipe, base, [0, 1], 4, seeds=[7 + 4, 7 + 4 + 1])
-    kept = anchors.generate_latents(pipe, base, [2, 3], 4)
+    replaced = anchor_sampling.generate_latents(pipe, base, [0, 1], 4, seeds=[7 + 4, 7 + 4 + 1])
+    kept = anchor_sampling.generate_latents(pipe, base, [2, 3], 4)
     expected = torch.from_numpy(np.stack(replaced["latents"] + kept["latents"]))
     torch.testing.assert_close(anchors.latents, expected, rtol=0, atol=1e-5)
     # the filter is part of the key: the unfiltered set is another cache entry
