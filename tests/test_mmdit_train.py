@@ -186,7 +186,8 @@ def test_planning_resolves_mmdit_defaults_and_refuses_what_does_not_apply(mmdit_
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_robust_persistent_adversary_runs_on_mmdit_and_the_others_are_refused(kind, mmdit_dirs, tmp_path):
     """--robust (the persistent adversary moves the conditioning itself) on SD3 / FLUX: the loss gains its `robust`
-    part (the first step's loss is the plain run's plus a positive term), the run is deterministic, and the UNet-only adversaries are refused before any work."""
+    part (the first step's loss is the plain run's plus a positive term), the run is deterministic, and the UNet-only
+    adversaries are refused before any work."""
     values = _values(mmdit_dirs[kind], tmp_path, lora_rank=4, learning_rate=3e-2, max_steps=3)
     plain = train(build_config(None, {**values, "output_dir": str(tmp_path / "plain")}))
     robust = train(build_config(None, {**values, "output_dir": str(tmp_path / "robust"), "robust": True,
