@@ -136,6 +136,9 @@ class TrainConfig:
                                  "on the toy world, docs/robustness.md)", default=4.0)
     robust_bank: int = _help("--robust-adversary persistent / shifted: keep this many perturbations, each from its "
                              "own random start, and move one per use (1: a single perturbation from zero)", default=1)
+    robust_positions: Literal["all", "prompt"] = _help(
+        "--robust-adversary persistent / shifted: perturb every token position (`all`) or only the prompt's own "
+        "tokens, BOS to EOS (`prompt`): the padding states are close to every other prompt's", default="all")
     robust_adversary: Literal["ball", "persistent", "prefix", "shifted"] = _help(
         "--robust: `ball` starts afresh each use and pushes the prediction away from the anchor's within "
         "--robust-radius of the target's own tokens; `persistent` keeps one perturbation of every token across "

@@ -250,11 +250,16 @@ class Objective:
         slot = batch.adversary_seed % bank
         original = self.original(batch, target)  # what the unablated model draws for the target
         delta = self.adversary if bank == 1 else self.adversary[slot]
+        keep = 1.0
+        if cfg.robust_positions == "prompt":  # the prompt's own tokens (BOS ... EOS), not the padding every prompt has
+            texts = [self.data.prompts[int(r)] for r in batch.target_rows]
+            lengths = torch.tensor([len(ids) for ids in self.pipe.tokenizer(texts).input_ids], device=base.device)
+            keep = (torch.arange(base.shape[1], device=base.device)[None] < lengths[:, None]).float()[..., None]
         with torch.enable_grad():
             for _ in range(cfg.robust_steps):
                 delta = delta.detach().requires_grad_(True)
                 pred = self.predict(self.base_unet, batch.noisy, batch.timesteps,
-                                    dataclasses.replace(target, embeds=(base + delta).to(target.embeds.dtype)))
+                                    dataclasses.replace(target, embeds=(base + keep * delta).to(target.embeds.dtype)))
                 loss = losses.model_based_loss(pred, original, batch.mask)
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
@@ -268,7 +273,7 @@ class Objective:
             self.adversary[slot] = moved
         # dataclasses.replace keeps the conditioning's type: SD3 / FLUX `Conditioning` (FLUX's text ids) too
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
-                               dataclasses.replace(target, embeds=(base + moved).to(target.embeds.dtype)))
+                               dataclasses.replace(target, embeds=(base + keep * moved).to(target.embeds.dtype)))
         return losses.model_based_loss(student, teacher, batch.mask)
 
     def _shifted_target(self, batch: Batch) -> PromptEmbeddings:
