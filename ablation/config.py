@@ -125,7 +125,10 @@ class TrainConfig:
         "harden the ablation against the attacks of `ablate attack`: on every --robust-every-th step, a few ascent "
         "steps find target conditioning (within --robust-radius of the target prompt's) that brings the target "
         "back, and the ablation loss is applied to it too (AdvUnlearn / Receler style; costs --robust-steps extra "
-        "forward and backward passes per use). Model-based variant, UNet groups", default=False)
+        "forward and backward passes per use). Model-based variant, UNet groups (SD3/FLUX: the persistent "
+        "adversary). A trade: on the toy world it lowered prefix and inversion attacks and made relearning 16x "
+        "slower, but changed other concepts (dalmatian -0.7 by CLIP, 2-8%% of control images; docs/robustness.md)",
+        default=False)
     robust_every: int = _help("--robust: use the adversary every N micro-steps", default=1)
     robust_steps: int = _help("--robust: ascent steps of the adversary per use (6: measured on the toy world, "
                               "docs/robustness.md)", default=6)
