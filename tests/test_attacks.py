@@ -396,23 +396,22 @@ def test_inversion_recovers_grumpy_cat_on_the_plain_ablation(toy_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_robust_ablation_doubles_the_steps_relearn_needs(tmp_path):
-    """Measured (docs/robustness.md): grumpy cat, cross-attention K/V; relearn (judged every 12 steps) brings the
-    target back after 12 steps on a plain ablation of about the same training time (240 steps) and after 60 on the
-    `--robust` one (120 steps)."""
+def test_robust_ablation_needs_5x_the_relearning_steps(tmp_path):
+    """Measured (docs/robustness.md, 32 images per cell): grumpy cat with the toy defaults (cross-attention K/V, 60
+    steps); relearn (judged after 1, 2, 4, ... steps) brings the target back after 2 steps on the plain ablation and
+    after 32 on the `--robust` one (weight 4, 6 ascent steps)."""
     steps, plain_asr = {}, {}
-    for name, extra in (("plain", ["--max-steps", "240"]), ("robust", ["--max-steps", "120", "--robust"])):
+    for name, extra in (("plain", []), ("robust", ["--robust"])):
         run = tmp_path / name
-        assert main(["train", "--target", "Grumpy Cat", "--anchor", "Cat", "--params", "cross-attn",
-                     "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+        assert main(["train", "--target", "Grumpy Cat", "--anchor", "Cat", "--output-dir", str(run),
+                     "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
         report = run_attacks(AttackSettings(ablated=str(run), attacks=("relearn",), out=str(tmp_path / f"a_{name}"),
-                                            budgets={"relearn": 60}, num_prompts=4, num_samples=4, steps=20,
-                                            device="cpu"))
+                                            num_prompts=4, num_samples=4, steps=20, device="cpu"))
         recovered = report["attacks"][0]["details"]["steps_to_recover"]
         steps[name] = 10**6 if recovered is None else recovered  # None: not back within the budget
         plain_asr[name] = report["plain"]["ablated"]
     assert max(plain_asr.values()) <= 0.25, plain_asr  # both runs ablate, so relearn has something to undo
-    assert steps["robust"] >= 2 * steps["plain"], steps
+    assert steps["robust"] >= 5 * steps["plain"], steps
 
 
 def test_robust_training_adds_the_adversarial_term(tmp_path, model_dir):
