@@ -217,9 +217,10 @@ def test_replay_renders_the_saved_items_on_another_model(world, tmp_path):
     assert again.seed == 0 and again.num_samples == TINY["num_samples"]
     # replay on the same ablation: the same images, hence the same ASR, and no search
     replayed = run_attacks(AttackSettings(base=world["sd1"], ablated=world["run"], replay=str(tmp_path / "a"),
-                                          attacks=("text-search", "prefix"), out=str(tmp_path / "b"),
+                                          attacks=("prompts", "text-search", "prefix"), out=str(tmp_path / "b"),
                                           clip=world["clip"], batch_size=4, device="cpu"), judge=world["judge"])
-    assert [a["attack"] for a in replayed["attacks"]] == ["text-search", "prefix"]
+    assert [a["attack"] for a in replayed["attacks"]] == ["prompts", "text-search", "prefix"]
+    assert "## prompts" in (tmp_path / "b" / "attack.md").read_text()
     for a in replayed["attacks"]:
         orig = next(o for o in first["attacks"] if o["attack"] == a["attack"])
         assert a["asr"] == orig["asr"] and a["cost"]["unet_backward"] == 0 and a["cost"]["text_encoder_forward"] == 0
@@ -412,6 +413,25 @@ def test_robust_ablation_needs_5x_the_relearning_steps(tmp_path):
         plain_asr[name] = report["plain"]["ablated"]
     assert max(plain_asr.values()) <= 0.25, plain_asr  # both runs ablate, so relearn has something to undo
     assert steps["robust"] >= 5 * steps["plain"], steps
+
+
+@pytest.mark.slow
+def test_robust_ablation_lowers_prefix_and_inversion_on_the_default(tmp_path):
+    """Measured (docs/robustness.md, 32 images per cell): on the toy default (cross-attention K/V) prefix and inversion
+    bring grumpy cat back (0.88 / 0.88); `--robust` lowers them to 0.34 / 0.19. 16 images per cell here."""
+    asr = {}
+    for name, extra in (("plain", []), ("robust", ["--robust"])):
+        run = tmp_path / name
+        assert main(["train", "--target", "Grumpy Cat", "--anchor", "Cat", "--output-dir", str(run),
+                     "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+        report = run_attacks(AttackSettings(ablated=str(run), attacks=("prefix", "inversion"),
+                                            out=str(tmp_path / f"a_{name}"), num_prompts=4, num_samples=4,
+                                            device="cpu"))
+        assert report["plain"]["base"] >= 0.9 and report["plain"]["ablated"] <= 0.15, report["plain"]
+        asr[name] = {a["attack"]: a["asr"]["post_attack"] for a in report["attacks"]}
+    assert asr["plain"]["prefix"] >= 0.5 and asr["plain"]["inversion"] >= 0.5, asr
+    assert asr["robust"]["prefix"] <= asr["plain"]["prefix"] - 0.25, asr
+    assert asr["robust"]["inversion"] <= asr["plain"]["inversion"] - 0.25, asr
 
 
 def test_robust_training_adds_the_adversarial_term(tmp_path, model_dir):

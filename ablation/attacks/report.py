@@ -79,7 +79,7 @@ def markdown(report: dict) -> str:
             lines += [f"| {p['step']} | {_fmt(p['target_accuracy'])} |" for p in d["curve"]]
             lines.append("")
             continue
-        if a["attack"] == "prompts":
+        if a["attack"] == "prompts" and "per_category" in d:  # a replay renders the prompts without their categories
             lines += ["| category | ASR base | ASR ablated |", "|---|---|---|"]
             per = d["per_category"]
             lines += [f"| {k} | {_fmt(per['base'][k])} | {_fmt(per['ablated'][k])} |" for k in per["ablated"]]
