@@ -137,11 +137,6 @@ class TrainConfig:
         "persistent adversaries)", default=None)
     robust_weight: float = _help("--robust: weight of the ablation loss on the adversarial conditioning (4: measured "
                                  "on the toy world, docs/robustness.md)", default=4.0)
-    robust_bank: int = _help("--robust-adversary persistent / shifted: keep this many perturbations, each from its "
-                             "own random start, and move one per use (1: a single perturbation from zero)", default=1)
-    robust_positions: Literal["all", "prompt"] = _help(
-        "--robust-adversary persistent / shifted: perturb every token position (`all`) or only the prompt's own "
-        "tokens, BOS to EOS (`prompt`): the padding states are close to every other prompt's", default="all")
     robust_adversary: Literal["ball", "persistent", "prefix", "shifted"] = _help(
         "--robust: `ball` starts afresh each use and pushes the prediction away from the anchor's within "
         "--robust-radius of the target's own tokens; `persistent` keeps one perturbation of every token across "
@@ -259,9 +254,9 @@ class TrainConfig:
         if self.robust and (self.variant != "model-based" or self.params == "embedding"):
             raise ConfigError("--robust needs the model-based variant and a UNet group (--params cross-attn, attn or "
                               "full): the adversary moves the UNet's text conditioning")
-        if self.robust_every < 1 or self.robust_steps < 1 or self.robust_bank < 1 or self.robust_weight < 0 or (
+        if self.robust_every < 1 or self.robust_steps < 1 or self.robust_weight < 0 or (
                 self.robust_radius is not None and self.robust_radius <= 0):
-            raise ConfigError("--robust-every, --robust-steps and --robust-bank must be >= 1, --robust-radius > 0, "
+            raise ConfigError("--robust-every and --robust-steps must be >= 1, --robust-radius > 0, "
                               "--robust-weight >= 0")
         if self.anchor_trajectory and self.variant != "model-based":
             raise ConfigError("--anchor-trajectory needs the model-based variant: the image-based loss regresses the "

@@ -239,41 +239,24 @@ class Objective:
             target = self._shifted_target(batch)
         base = target.embeds.detach().float()
         bound = cfg.robust_radius * base.norm(dim=-1).mean()
-        bank = cfg.robust_bank
         if self.adversary is None:
-            if bank == 1:
-                self.adversary = torch.zeros(base.shape[1:], device=base.device)
-            else:  # several perturbations, each from its own seeded random start inside the bound
-                g = torch.Generator().manual_seed(cfg.seed)
-                noise = torch.randn((bank, *base.shape[1:]), generator=g).to(base.device)
-                self.adversary = project_per_token(noise, bound) * torch.rand(bank, 1, 1, generator=g).to(base.device)
-        slot = batch.adversary_seed % bank
+            self.adversary = torch.zeros(base.shape[1:], device=base.device)
         original = self.original(batch, target)  # what the unablated model draws for the target
-        delta = self.adversary if bank == 1 else self.adversary[slot]
-        keep = 1.0
-        if cfg.robust_positions == "prompt":  # the prompt's own tokens (BOS ... EOS), not the padding every prompt has
-            texts = [self.data.prompts[int(r)] for r in batch.target_rows]
-            lengths = torch.tensor([len(ids) for ids in self.pipe.tokenizer(texts).input_ids], device=base.device)
-            keep = (torch.arange(base.shape[1], device=base.device)[None] < lengths[:, None]).float()[..., None]
+        delta = self.adversary
         with torch.enable_grad():
             for _ in range(cfg.robust_steps):
                 delta = delta.detach().requires_grad_(True)
                 pred = self.predict(self.base_unet, batch.noisy, batch.timesteps,
-                                    dataclasses.replace(target, embeds=(base + keep * delta).to(target.embeds.dtype)))
+                                    dataclasses.replace(target, embeds=(base + delta).to(target.embeds.dtype)))
                 loss = losses.model_based_loss(pred, original, batch.mask)
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                     delta = project_per_token(delta - (2.5 / cfg.robust_steps) * 0.1 * bound * step, bound)
-        moved = _one_adversary(delta)
-        if bank == 1:
-            self.adversary = moved
-        else:
-            self.adversary = self.adversary.clone()
-            self.adversary[slot] = moved
+        self.adversary = _one_adversary(delta)
         # dataclasses.replace keeps the conditioning's type: SD3 / FLUX `Conditioning` (FLUX's text ids) too
         student = self.predict(self.unet, batch.noisy, batch.timesteps,
-                               dataclasses.replace(target, embeds=(base + keep * moved).to(target.embeds.dtype)))
+                               dataclasses.replace(target, embeds=(base + self.adversary).to(target.embeds.dtype)))
         return losses.model_based_loss(student, teacher, batch.mask)
 
     def _shifted_target(self, batch: Batch) -> PromptEmbeddings:

@@ -110,6 +110,15 @@ def summarise(base: dict, ablated: dict, family_concepts: set[str]) -> dict:
     return out
 
 
+def emit(record: dict, out: Path | None) -> None:
+    """Print one JSON line and, with `out`, append it there too (the benchmarks' output)."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy", help="toy or toy-sd3")
@@ -161,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                       "target_pairwise": [round(base_pair, 3),
                                           round(judges.pairwise(images[fam.target], fam.target, fam.anchor), 3)],
                       **summarise(base_labels, judges.judge(images), set(fam.classes))}
-            line = json.dumps(record)
-            print(line, flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(line + "\n")
+            emit(record, args.out)
     return 0
 
 

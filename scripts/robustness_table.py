@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                                    **fidelity(judges, base_images, images, set(fam.classes), fam.target, fam.anchor)},
                       **attacks(run_dir, keep / "attacks" / name, base_pipe, judge, args.num_prompts,
                                 args.num_samples)}
-            line = json.dumps(record)
-            print(line, flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(line + "\n")
+            fs.emit(record, args.out)
     return 0
 
 

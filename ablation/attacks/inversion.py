@@ -98,5 +98,4 @@ def run(ctx: AttackContext, budget: int) -> dict:
             "prompts": [{"prompt": it.display} for it in items],
             "details": {"placeholder": PLACEHOLDER, "initializer": ctx.task.anchor, "loss_first": losses[0],
                         "loss_last": losses[-1], "loss_curve": losses[::max(1, len(losses) // 50)],
-                        "embedding_norm": float(vector.norm())},
-            "tensors": {"token_embedding": vector.cpu()}}
+                        "embedding_norm": float(vector.norm())}}

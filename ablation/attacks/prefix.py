@@ -78,5 +78,4 @@ def run(ctx: AttackContext, budget: int, k: int = DEFAULT_TOKENS) -> dict:
             rows.append({"prompt": prompt, "nearest_tokens": " ".join(words), "loss_first": losses[0],
                          "loss_last": losses[-1]})
     return {"asr": ctx.asr_both(items, "prefix"), "cost": cost.as_dict(), "prompts": rows,
-            "details": {"prefix_tokens": k, "iterations_per_prompt": budget},
-            "tensors": {f"prefix_{i}": it.vectors.cpu() for i, it in enumerate(items)}}
+            "details": {"prefix_tokens": k, "iterations_per_prompt": budget}}

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Attack:
-    """One attack: `module.run(ctx, budget)` returns its report entry (ASR on both models, images, tensors)."""
+    """One attack: `module.run(ctx, budget)` returns its report entry (ASR on both models, cost, prompts, details);
+    the runner saves the prompts and vectors it rendered for `--replay`."""
 
     module: str
     budget: int

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ablation.attacks.replay import tensor_file
 from ablation.io import json_safe
 
 TILE = 96
@@ -109,7 +110,7 @@ def write(report: dict, out: Path, gallery: dict, tensors: dict) -> None:
         a["grid"] = f"grid_{name}.png"
         grid(rows).save(out / a["grid"])
         if tensors.get(a["attack"]):
-            a["tensors"] = f"{name}.safetensors"
+            a["tensors"] = tensor_file(a["attack"])
             save_file({k: v.contiguous() for k, v in tensors[a["attack"]].items()}, str(out / a["tensors"]))
     (out / "attack.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
     (out / "attack.md").write_text(markdown(report))

@@ -223,7 +223,6 @@ def run_attacks(settings: AttackSettings, *, pipe=None, judge=None) -> dict:
                 out = replay.run(ctx, recorded[attack], settings.replay)
             else:
                 out = ATTACKS[attack].run(ctx, budget)
-            out.pop("tensors", None)  # the attack's learned vectors are saved with its replay entries
             folder = attack.replace("-", "_")
             out["asr"] = {**out["asr"], "pre_attack": ctx.plain["ablated"],
                           "post_attack": ctx.post_attack_asr(folder)}
