@@ -37,6 +37,11 @@ GUIDANCE = 6.0
 SAMPLERS: dict[str, str] = dict(zip(typing.get_args(Sampler), ("DDIMScheduler", "DPMSolverMultistepScheduler",
                                                                "EulerDiscreteScheduler", "DDPMScheduler",
                                                                "PNDMScheduler"), strict=True))
+#: the judge of the paper's CLIP accuracy and CLIP score on real Stable Diffusion models: the official
+#: `evaluate.py` of Kumari et al. loads CLIP ViT-B/32 (issue 9)
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+#: a stronger judge, not the paper's (`--clip-model openai/clip-vit-large-patch14`)
+LARGE_CLIP = "openai/clip-vit-large-patch14"
 Teacher = Literal["same", "frozen"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ReportTo = Literal["tensorboard", "none"]
@@ -168,6 +173,11 @@ class TrainConfig:
         "train on the anchor sampler's intermediate states (z_t, t) instead of re-noised final latents: each anchor "
         "image gives --anchor-steps training points (model-based variant, without --augment; UNet and SD3 "
         "models; docs/performance.md measures it)", default=False)
+    target_images: int | None = _help(
+        "model-based: also sample this many images of the target with the base model (its target prompts) and "
+        "train their noisy latents toward the anchor too, as the anchor images' are, so the ablated model also "
+        "leaves the target's own sampling path (0: the paper's, anchor images only; docs/paper-parity.md measures "
+        "it)", default=None)
     anchor_batch_size: int = _help("images per generation batch", default=16)
     cache_dir: str | None = _help(
         f"anchor cache (default: $ABLATION_CACHE or {DEFAULT_CACHE_DIR})", default=None)
@@ -234,7 +244,7 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")
         for name in ("lora_rank", "checkpointing_steps", "max_grad_norm", "adam_weight_decay", "prior_weight",
-                     "preserve_weight", "preserve_uncond"):
+                     "preserve_weight", "preserve_uncond", "target_images"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
@@ -258,6 +268,9 @@ class TrainConfig:
                 self.robust_radius is not None and self.robust_radius <= 0):
             raise ConfigError("--robust-every and --robust-steps must be >= 1, --robust-radius > 0, "
                               "--robust-weight >= 0")
+        if self.target_images and self.variant != "model-based":
+            raise ConfigError("--target-images needs the model-based variant: the image-based loss would regress "
+                              "the noise of the target's images, teaching the target rather than removing it")
         if self.anchor_trajectory and self.variant != "model-based":
             raise ConfigError("--anchor-trajectory needs the model-based variant: the image-based loss regresses the "
                               "noise of re-noised latents, which a sampler state does not have")
@@ -455,7 +468,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 #: per-element mean, so its ablation term weighs 4x (4 latent channels); under Adam, which ignores a common
 #: scale of the loss, lambda 1 there equals lambda 0.25 with this project's per-element means.
 PAPER_COMMON: dict[str, Any] = dict(scale_lr=True, prior_weight=0.25, num_anchor_images=1000, teacher="same",
-                                    preserve_weight=0.0, preserve_uncond=0.0,
+                                    preserve_weight=0.0, preserve_uncond=0.0, target_images=0,
                                     anchor_scheduler="dpm++", anchor_steps=25, anchor_guidance=GUIDANCE)
 
 #: The toy model (64 px, ~7M-parameter UNet) needs far larger rates than SD's 2e-6, and the whole run,
@@ -495,7 +508,7 @@ TOY_MULTI_CONCEPT_STEPS = 60
 #: contain the anchor: nemo, snoopy, r2d2, styles) it stopped the ablation (docs/paper-parity.md)
 TOY_PRESERVE_UNCOND = 1000.0
 TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=32, teacher="frozen",
-                                  preserve_weight=0.0,
+                                  preserve_weight=0.0, target_images=0,
                                   anchor_scheduler="ddim", anchor_steps=10, anchor_guidance=GUIDANCE)
 
 #: SD3 / SD3.5 / FLUX (docs/mmdit.md), overlaid on the paper's table: these models do not fit next to a dense
@@ -579,6 +592,8 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         prior = defaults["prior_preservation"] if config.prior_preservation is None else config.prior_preservation
         kv = (config.params or defaults["params"]) == "cross-attn"
         defaults["preserve_uncond"] = TOY_PRESERVE_UNCOND if prior and kv else 0.0
+    if config.variant == "image-based":  # the target's images are for the model-based loss only
+        defaults["target_images"] = 0
     defaults["robust_radius"] = 0.1 if config.robust_adversary == "ball" else 1.0
     updates = {k: v for k, v in defaults.items() if getattr(config, k) is None}
     resolved = dataclasses.replace(config, **updates)

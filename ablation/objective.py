@@ -18,9 +18,19 @@ from dataclasses import dataclass
 import torch
 
 from ablation import augment, losses
+from ablation.adversary import (
+    DEFAULT_TOKENS,
+    adversarial_target_embeddings,
+    encode,
+    placeholder_id,
+    prefixed,
+    project_per_token,
+    target_positions,
+    token_overrides,
+)
 from ablation.architectures import Architecture, Conditioning, UNetArchitecture
 from ablation.config import TrainConfig
-from ablation.data import PromptEmbeddings
+from ablation.data import PromptEmbeddings, sdxl_time_ids
 from ablation.training_data import TrainingData
 
 
@@ -196,7 +206,6 @@ class Objective:
         Works on the UNet's text conditioning: the attack that moves it (`prefix`, `inversion` or new wordings)
         is what the plain ablation leaves open.
         """
-        from ablation.adversary import adversarial_target_embeddings, target_positions
 
         cfg = self.cfg
         if cfg.robust_adversary in ("persistent", "shifted"):
@@ -206,7 +215,6 @@ class Objective:
         target = batch.target_cond
         kwargs = None
         if target.pooled is not None:  # SDXL: the same pooled embeddings and size ids as `predict` passes
-            from ablation.data import sdxl_time_ids
 
             size = batch.noisy.shape[-1] * self.adapter.vae_scale_factor
             kwargs = {"text_embeds": target.pooled,
@@ -231,7 +239,6 @@ class Objective:
         attacker's prefix would (AdvUnlearn keeps its adversarial prompt the same way). The model then learns to
         map c* + delta to the anchor's prediction.
         """
-        from ablation.adversary import project_per_token
 
         cfg = self.cfg
         target = batch.target_cond
@@ -266,7 +273,6 @@ class Objective:
         perturbation of the unshifted conditioning cannot reach that, so the persistent perturbation is applied to
         these encodings instead. Fresh tokens each use, seeded by the micro-step (a resumed run draws the same).
         """
-        from ablation.adversary import DEFAULT_TOKENS, encode, placeholder_id, prefixed, token_overrides
 
         pipe = self.pipe
         g = torch.Generator().manual_seed(batch.adversary_seed)
@@ -285,7 +291,6 @@ class Objective:
         --robust-steps signed-gradient steps per use towards what the original model predicts for the plain target
         prompt; the model then learns to map the prefixed prompts to the anchor.
         """
-        from ablation.adversary import DEFAULT_TOKENS, encode, placeholder_id, prefixed, token_overrides
 
         cfg, pipe = self.cfg, self.pipe
         texts = [prefixed(self.data.prompts[int(r)], DEFAULT_TOKENS) for r in batch.target_rows]

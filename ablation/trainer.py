@@ -16,14 +16,19 @@ from typing import Any
 
 import torch
 
-from ablation import losses
+from ablation import __version__, checkpoint, losses
 from ablation.architectures import training_adapter
 from ablation.concepts import common_words
 from ablation.config import EXPORT_KINDS, PRECISIONS, ConfigError, TrainConfig, learning_rate
+from ablation.delta import base_weights_fingerprint
 from ablation.io import atomic_write_text
+from ablation.merge import base_name
+from ablation.model_card import write_model_card
 from ablation.models import torch_dtype
 from ablation.objective import Objective
-from ablation.planning import RunPlan, plan_run
+from ablation.params import setup_trainable, target_token_ids
+from ablation.planning import RunPlan, memory_plan, plan_run
+from ablation.preserve import KVPreservation, Penalties, second_moment
 from ablation.resume import (
     list_checkpoints,
     read_checkpoint_state,
@@ -32,6 +37,7 @@ from ablation.resume import (
     tensor_checksum,
     weights_checksum,
 )
+from ablation.runlock import acquire
 from ablation.training_data import TrainingData, prepare_data
 
 __all__ = ["TrainResult", "TrainingError", "list_checkpoints", "plan_run", "train"]
@@ -90,7 +96,6 @@ def _lock_output(plan: RunPlan):
 
     Returns the lock; it is released when the caller drops it (end of `train`) or the process dies.
     """
-    from ablation.runlock import acquire
 
     return acquire(plan.output_dir)
 
@@ -169,8 +174,6 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
     The denoiser is the UNet or the SD3/FLUX transformer; its family's adapter (`ablation.architectures`)
     supplies the training scheduler and how it is called.
     """
-    from ablation.delta import base_weights_fingerprint
-    from ablation.params import setup_trainable
 
     adapter = training_adapter(pipe)
     trainable = setup_trainable(pipe, cfg.params, cfg.lora_rank, cfg.lora_alpha, token_ids)
@@ -188,7 +191,6 @@ def _setup_training(cfg: TrainConfig, pipe, data: TrainingData, token_ids, accel
         teacher_params = {n: p.detach().clone() for n, p in trainable.parameters[adapter.component].items()}
     preservation = None
     if adapter.component == "unet":  # text keys/values of other prompts stay put (ablation/preserve.py)
-        from ablation.preserve import KVPreservation, Penalties, second_moment
 
         dense = None if trainable.lora else trainable.parameters.get("unet", {})
         terms = [(weight, KVPreservation(unet, dense, second_moment(data.embeddings.embeds[rows]).to(
@@ -237,9 +239,7 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from ablation import checkpoint
     from ablation.models import load_pipeline
-    from ablation.params import target_token_ids
 
     phases = _Phases(started_at)
     plan = plan or plan_run(config, pipe)
@@ -261,7 +261,6 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     device = accelerator.device
 
     if device.type == "cuda" and accelerator.is_main_process:  # seconds to plan; on the CPU only with --plan
-        from ablation.planning import memory_plan
 
         try:
             mem = memory_plan(plan, "cuda")
@@ -396,7 +395,6 @@ def _fixed_batch_loss(objective: Objective, accelerator) -> float:
 
 def _write_outputs(plan: RunPlan, pipe, trainable, token_ids, step: int, lr: float, checkpoint):
     """Main process: `delta.safetensors` with metadata, then the requested exports."""
-    from ablation import __version__
 
     cfg = plan.config
     metadata = checkpoint.make_metadata(
@@ -412,7 +410,6 @@ def _write_outputs(plan: RunPlan, pipe, trainable, token_ids, step: int, lr: flo
     # start from (dense) or merge onto (LoRA) the rounded weights (docs/paper-parity.md, "Precision").
     base_states = None
     if trainable.lora and cfg.mixed_precision != "no":  # the merge's W: the exact originals, read tensor by tensor
-        from ablation.merge import base_name
         from ablation.models import read_component_tensors
 
         base_states = {comp: read_component_tensors(plan.model_path, comp, {base_name(n) for n in names})
@@ -426,7 +423,6 @@ def _write_outputs(plan: RunPlan, pipe, trainable, token_ids, step: int, lr: flo
         lora_state = checkpoint.lora_state_from_pipe(pipe) if trainable.lora else None
         checkpoint.export_outputs(pipe.to("cpu"), plan.output_dir, cfg.export, lora_state, metadata)
         exports = [plan.output_dir / kind for kind in cfg.export]
-    from ablation.model_card import write_model_card
 
     write_model_card(plan.output_dir)  # README.md in the Hugging Face format
     return delta, exports

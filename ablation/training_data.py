@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from ablation import data
+from ablation.architectures import training_adapter
 from ablation.augment import blank_latent, prefixed
 from ablation.data import PromptEmbeddings
 from ablation.planning import RunPlan, slug
+from ablation.preserve import control_prompts
 from ablation.sampling.anchors import SamplerSettings
 
 
@@ -40,7 +44,6 @@ def copy_filter(plan: RunPlan, concept, device):
     The reference is `--memorized-image`, or on the toy world the renderer's memorized image; the embedder is a
     user's SSCD TorchScript file (threshold 0.5, as the official code) or the CLIP judge (image cosine 0.9).
     """
-    from ablation import data
 
     if concept.concept_type != "memorization":
         return None
@@ -71,7 +74,6 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
     Returns:
         The data and how many anchor images this call generated (0 on a cache hit).
     """
-    from ablation import data
 
     cfg = plan.config
     # Taken before the frozen weights are cast for mixed precision (the dtype is part of the key).
@@ -102,6 +104,11 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
                                                  autocast=accelerator.autocast,
                                                  copy_filter=copy_filter(plan, concept, pipe.device))
             generated += cfg.num_anchor_images if anchors.generated else 0
+            if cfg.target_images:
+                target = target_image_latents(pipe, settings, concept, cfg.target_images, cfg.cache_dir,
+                                              cfg.anchor_batch_size, accelerator.autocast)
+                generated += cfg.target_images if target.generated else 0
+                anchors = _joined(anchors, target)
         offset = len(prompts)
         variants = concept.variants()  # [anchor prompt][template]
         prompts += list(concept.anchor_prompts) + [v for row in variants for v in row]
@@ -124,7 +131,6 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         add_prefixed_prompts(training)
         training.blank = _blank(pipe.vae, cfg.resolution)
     if cfg.preserve_weight:
-        from ablation.preserve import control_prompts
 
         controls = control_prompts(plan.concepts, plan.toy)
         training.control_rows = torch.arange(len(training.prompts), len(training.prompts) + len(controls))
@@ -135,8 +141,33 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
     return training, generated
 
 
+def target_image_latents(pipe, anchor_settings: SamplerSettings, concept, count: int, cache_dir, batch_size: int,
+                         autocast):
+    """`--target-images`: `count` images of the target, sampled as the anchors are but with the target prompts.
+
+    Image k uses target prompt k mod P, the variant of anchor prompt k mod P, so its `prompt_index` pairs it with
+    that anchor prompt like an anchor image; the seeds follow the anchors' (`seed + num_anchor_images + k`). No
+    copy filter: for a memorized image, its copies are exactly the states the ablation has to leave.
+    """
+
+    prompts = tuple(row[0] for row in concept.variants())
+    settings = dataclasses.replace(anchor_settings, prompts=prompts, count=count, negative_prompt=None,
+                                   seed=anchor_settings.seed + anchor_settings.count)
+    return data.cached_anchor_latents(pipe, settings, cache_dir, batch_size, autocast=autocast)
+
+
+def _joined(anchors, target):
+    """One anchor set of the anchor images followed by the target images."""
+    def cat(a, b):
+        return None if a is None else torch.cat([a, b])
+
+    return dataclasses.replace(anchors, latents=torch.cat([anchors.latents, target.latents]),
+                               prompt_index=torch.cat([anchors.prompt_index, target.prompt_index]),
+                               trajectory=cat(anchors.trajectory, target.trajectory),
+                               trajectory_t=cat(anchors.trajectory_t, target.trajectory_t))
+
+
 def _takes_negative_prompt(pipe) -> bool:
-    from ablation.architectures import training_adapter
 
     return training_adapter(pipe).negative_prompts
 

@@ -76,6 +76,12 @@ def test_anchor_trajectory_needs_the_model_based_variant_without_augmentation(mo
                          "--anchor-steps", "1"), "--anchor-steps >= 2", root=tmp_path)
 
 
+def test_target_images_need_the_model_based_variant(model_dir, tmp_path, capsys):
+    _fails(capsys, _args(model_dir, tmp_path, "--target-images", "8", "--variant", "image-based"),
+           "--target-images needs the model-based variant", root=tmp_path)
+    _fails(capsys, _args(model_dir, tmp_path, "--target-images", "-1"), "--target-images must be >= 0", root=tmp_path)
+
+
 def test_prefix_adversary_on_sdxl(model_dirs, tmp_path, capsys):
     _fails(capsys, _args(model_dirs["sdxl"], tmp_path, "--params", "cross-attn", "--robust", "--robust-adversary",
                          "prefix"), "use --robust-adversary persistent", root=tmp_path)

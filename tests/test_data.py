@@ -452,3 +452,35 @@ def test_validate_image_bytes():
                         (_png((16, 300)), "smaller than 128")]:
         with pytest.raises(ValueError, match=reason):
             data.validate_image_bytes(bad)
+
+
+def test_target_images_join_the_anchors_paired_with_their_anchor_prompts(model_dir, tmp_path):
+    """`--target-images N`: N images of the target prompts follow the anchors, each under the target prompt it was
+    sampled with and the anchor prompt that prompt is the variant of; seeds continue after the anchors'."""
+    from accelerate import Accelerator
+
+    from ablation.config import build_config
+    from ablation.models import load_pipeline
+    from ablation.planning import plan_run
+    from ablation.training_data import prepare_data
+
+    values = dict(model=model_dir, target=["grumpy cat"], anchor=["cat"], output_dir=str(tmp_path / "run"),
+                  cache_dir=str(tmp_path / "cache"), num_anchor_images=3, anchor_steps=2, target_images=2)
+    plan = plan_run(build_config(None, values))
+    pipe = load_pipeline(model_dir)
+    training, generated = prepare_data(plan, pipe, Accelerator(cpu=True))
+    plain, _ = prepare_data(plan_run(build_config(None, {**values, "target_images": 0})), pipe, Accelerator(cpu=True))
+    assert generated == 5 and training.latents.shape[0] == 5
+    assert torch.equal(training.latents[:3], plain.latents)  # the anchors are unchanged (same cache entry)
+    concept = plan.concepts[0]
+    targets = tuple(row[0] for row in concept.variants())
+    cfg = plan.config
+    settings = anchor_sampling.SamplerSettings(data.anchor_model_key(model_dir, plan.model_path, pipe, None), targets,
+                                               cfg.anchor_scheduler, cfg.anchor_steps, cfg.anchor_guidance,
+                                               cfg.resolution, 2, seed=3)
+    expected = data.cached_anchor_latents(pipe, settings, tmp_path / "other")
+    assert torch.equal(training.latents[3:], expected.latents)
+    for i, k in ((3, 0), (4, 1)):
+        assert training.prompts[int(training.anchor_rows[i])] == concept.anchor_prompts[k]
+        assert training.prompts[int(training.target_rows[i, 0])] == targets[k]
+        assert "grumpy cat" in targets[k] and "grumpy" not in concept.anchor_prompts[k]

@@ -11,9 +11,17 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ablation.attacks import prompts, replay, report
+from ablation.attacks.common import AttackContext
+from ablation.attacks.prompts import read_user_prompts
 from ablation.attacks.registry import ATTACKS
+from ablation.attacks.replay import read_source
+from ablation.checkpoint import read_metadata, resolve_delta
 from ablation.config import GUIDANCE, ConfigError
+from ablation.evaluation.selection import select_tasks
 from ablation.flags import option
+from ablation.io import atomic_dir
+from ablation.sampling.generate import SamplingSettings, set_scheduler
 
 logger = logging.getLogger("ablation.attacks")
 
@@ -53,7 +61,6 @@ class AttackSettings:
 
     def check(self) -> None:
         """Raise `ConfigError` for bad input, before anything is loaded or written."""
-        from ablation.checkpoint import resolve_delta
         from ablation.models import resolve_model
 
         if self.replay:
@@ -90,14 +97,12 @@ class AttackSettings:
         if self.clip and not Path(self.clip).expanduser().exists() and self.clip.startswith((".", "/", "~")):
             raise ConfigError(f"--clip {self.clip}: no such directory")
         if self.prompts_file:
-            from ablation.attacks.prompts import read_user_prompts
 
             read_user_prompts(self.prompts_file)
 
 
     def _adopt_replay(self) -> None:
         """`--replay DIR`: the earlier run's attacks, budgets, seed, images per prompt, sampling and task."""
-        from ablation.attacks.replay import read_source
 
         source = read_source(self.replay)
         recorded = [a["attack"] for a in source["attacks"]]
@@ -140,7 +145,6 @@ class AttackSettings:
 
 def resolve_task(settings: AttackSettings):
     """The concept task: `--family`, else `--target/--anchor`, else the run's recorded concept."""
-    from ablation.evaluation.selection import select_tasks
 
     try:
         tasks = select_tasks(settings.base, [settings.ablated], families=[settings.family] if settings.family else [],
@@ -166,12 +170,7 @@ def run_attacks(settings: AttackSettings, *, pipe=None, judge=None) -> dict:
 
     import torch
 
-    from ablation.attacks import prompts, replay, report
-    from ablation.attacks.common import AttackContext
-    from ablation.checkpoint import read_metadata, resolve_delta
     from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
-    from ablation.io import atomic_dir
-    from ablation.sampling.generate import SamplingSettings, set_scheduler
 
     settings.check()
     task = resolve_task(settings)

@@ -12,11 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-#: the judge of the paper's CLIP accuracy and CLIP score on real Stable Diffusion models: the official
-#: `evaluate.py` of Kumari et al. loads CLIP ViT-B/32 (issue 9)
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-#: a stronger judge, not the paper's (`--clip-model openai/clip-vit-large-patch14`)
-LARGE_CLIP = "openai/clip-vit-large-patch14"
+from ablation.config import DEFAULT_CLIP, LARGE_CLIP  # noqa: F401  (re-exported: the judges' ids)
 
 
 def default_clip_for(model: str) -> str:

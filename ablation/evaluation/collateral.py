@@ -29,8 +29,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ablation.config import GUIDANCE
-from ablation.sampling.generate import Job, SamplingSettings, generate, jobs_for_total
+from ablation.config import GUIDANCE, ConfigError
+from ablation.evaluation.swap import ablated
+from ablation.sampling.generate import Job, SamplingSettings, generate, jobs_for_total, set_scheduler
+from ablation.toyworld import catalog, clip_dir
+from ablation.toyworld.classifier import load_classifier
 
 CONTROLS_FILE = Path(__file__).parent / "prompt_sets" / "controls.yaml"
 JUDGES = ("classifier", "clip")
@@ -51,7 +54,6 @@ class ControlConcept:
 
 def toy_controls(exclude: Sequence[str] = ()) -> list[ControlConcept]:
     """Every toy-world concept except `exclude`, on the catalogue's held-out prompts (catalogue order)."""
-    from ablation.toyworld import catalog
 
     cat = catalog()
     prompts: dict[str, tuple[str, ...]] = {}
@@ -72,7 +74,6 @@ def load_controls(path: str | Path | None = None, exclude: Sequence[str] = ()) -
         ValueError: the file is not such a mapping, or a concept has no prompts.
         FileNotFoundError: the file does not exist.
     """
-    from ablation.config import ConfigError
 
     path = Path(path) if path is not None else CONTROLS_FILE
     if not path.is_file():
@@ -130,8 +131,6 @@ class Judges:
 def toy_judges(clip=None, classifier=None, device: str = "cpu") -> Judges:
     """Both toy judges over all 31 toy concepts (loads the shipped ones unless given)."""
     from ablation.evaluation.clip_judge import ClipJudge
-    from ablation.toyworld import catalog, clip_dir
-    from ablation.toyworld.classifier import load_classifier
 
     concepts = catalog().concepts
     return Judges(list(concepts), [c.judge_text for c in concepts.values()],
@@ -177,7 +176,6 @@ def summarize(concepts: Sequence[str], base: dict[str, list[str]], ablated: dict
 
 @contextlib.contextmanager
 def _scheduler(pipe, name: str) -> Iterator:
-    from ablation.sampling.generate import set_scheduler
 
     original = pipe.scheduler
     set_scheduler(pipe, name)
@@ -211,7 +209,6 @@ def measure(base_pipe, ablated_pipe, *, concepts: Sequence[str] | None = None, p
     Raises:
         KeyError: an unknown toy concept.
     """
-    from ablation.evaluation.swap import ablated
 
     controls = toy_controls()
     if concepts is not None:

@@ -19,10 +19,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ablation import models  # models.load_pipeline at call time: tests swap it to prove nothing loads
+from ablation.checkpoint import read_metadata, resolve_delta
 from ablation.evaluation import metrics
+from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
+from ablation.evaluation.collateral import Judges, load_controls, summarize, toy_controls
 from ablation.evaluation.prompts import ConceptTask
-from ablation.models import torch_dtype
-from ablation.sampling.generate import Job, SamplingSettings, cache_path, generate, jobs_for, jobs_for_total
+from ablation.evaluation.report import write_report
+from ablation.evaluation.swap import DeltaCache, ablated
+from ablation.models import is_toy, resolve_model, torch_dtype
+from ablation.sampling.generate import (
+    Job,
+    SamplingSettings,
+    cache_path,
+    generate,
+    jobs_for,
+    jobs_for_total,
+    set_scheduler,
+)
+from ablation.toyworld import catalog
+from ablation.toyworld.classifier import load_classifier
+from ablation.toyworld.render import render
 
 logger = logging.getLogger(__name__)
 REPORT_FORMAT = "ablation-eval/1"
@@ -91,7 +108,6 @@ def _recorded_settings(settings: EvalSettings, pipe) -> dict:
 
 def model_key(name: str, model: str, source: str | None, settings: EvalSettings, device: str) -> str:
     """Cache folder name of one generator: readable name + hash of everything images depend on."""
-    from ablation.models import resolve_model
 
     resolved = resolve_model(model)
     ident = {"model": resolved, "model_files": _fingerprint(Path(resolved)) if Path(resolved).exists() else None,
@@ -103,7 +119,6 @@ def model_key(name: str, model: str, source: str | None, settings: EvalSettings,
 
 
 def _source_path(source: str) -> Path:
-    from ablation.checkpoint import resolve_delta
 
     return resolve_delta(source)[1]
 
@@ -139,7 +154,6 @@ def _memorized_reference(task: ConceptTask, judge, size: tuple[int, int], overri
         with Image.open(path) as im:
             return judge.image_features([im.convert("RGB")]), str(path)
     if task.source == "toyworld":
-        from ablation.toyworld.render import render
 
         image = Image.fromarray(render(task.target, 0, size=size[0]))
         return judge.image_features([image]), "toyworld-render"
@@ -178,10 +192,8 @@ def score_concept(task: ConceptTask, concept: str, images: ConceptImages, judge,
 
 
 def _load_base(model: str, device: torch.device, dtype: str, scheduler: str):
-    from ablation.models import load_pipeline
-    from ablation.sampling.generate import set_scheduler
 
-    pipe = load_pipeline(model, torch_dtype=DTYPES[dtype]).to(device)
+    pipe = models.load_pipeline(model, torch_dtype=DTYPES[dtype]).to(device)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -189,8 +201,6 @@ def _load_base(model: str, device: torch.device, dtype: str, scheduler: str):
 
 def _default_controls(base_model: str, tasks: Sequence[ConceptTask], settings: EvalSettings):
     """Every toy concept outside the tasks (toy model), else the default control prompt set."""
-    from ablation.evaluation.collateral import load_controls, toy_controls
-    from ablation.models import is_toy
 
     if settings.control_samples < 1:
         return []
@@ -200,11 +210,9 @@ def _default_controls(base_model: str, tasks: Sequence[ConceptTask], settings: E
 
 def _toy_classifier(base_model: str, device: torch.device):
     """The toy world's concept classifier for the toy model (None elsewhere, or when its weights are missing)."""
-    from ablation.models import is_toy
 
     if not is_toy(base_model):
         return None
-    from ablation.toyworld.classifier import load_classifier
 
     try:
         return load_classifier(device=device)
@@ -236,11 +244,6 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
     Returns:
         The report (as written to `report.json`).
     """
-    from ablation.evaluation.clip_judge import ClipJudge, auto_device, default_clip_for
-    from ablation.evaluation.collateral import summarize
-    from ablation.evaluation.report import write_report
-    from ablation.evaluation.swap import DeltaCache, ablated
-    from ablation.sampling.generate import set_scheduler
 
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
@@ -266,7 +269,6 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
         for entry in models:
             entry["key"] = model_key(entry["name"], base_model, entry["delta"], settings, dev.type)
             if entry["delta"]:
-                from ablation.checkpoint import read_metadata
 
                 entry["metadata"] = read_metadata(_source_path(entry["delta"]))
             with ablated(pipe, entry["delta"], cache=cache):
@@ -393,11 +395,8 @@ def _generate_all(pipe, plan: _Plan, settings: EvalSettings, judge, classifier, 
 
 def _control_judges(base_model: str, tasks: Sequence[ConceptTask], controls, judge, classifier):
     """CLIP chooses among every toy concept (toy model), else among the controls and the tasks' concepts."""
-    from ablation.evaluation.collateral import Judges
-    from ablation.models import is_toy
 
     if is_toy(base_model):
-        from ablation.toyworld import catalog
 
         concepts = catalog().concepts
         return Judges(list(concepts), [c.judge_text for c in concepts.values()], judge, classifier)
