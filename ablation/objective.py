@@ -104,7 +104,7 @@ class Objective:
             target_cond = data.embeddings.select(rows)
         prior = None
         if cfg.prior_preservation:
-            p_idx, p_latents, _ = self._draw_latents(bsz, g)
+            p_idx, p_latents, _ = self._draw_latents(bsz, g, pool=data.prior_pool)
             p_noisy, p_t, p_target = self._noise(p_latents, g)
             prior_cond = data.embeddings.select(data.anchor_rows[p_idx])
             prior = Batch(p_noisy, p_t, p_target, anchor_cond=prior_cond, target_cond=prior_cond)
@@ -114,9 +114,13 @@ class Objective:
         return Batch(noisy=noisy, timesteps=t, target=target, anchor_cond=data.embeddings.select(data.anchor_rows[idx]),
                      target_cond=target_cond, mask=mask, prior=prior, adversary_seed=adversary, target_rows=rows)
 
-    def _draw_latents(self, bsz: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Indices, (flipped) latents and which rows were flipped."""
-        idx = torch.randint(0, len(self.data.latents), (bsz,), generator=g)
+    def _draw_latents(self, bsz: int, g: torch.Generator, pool: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices (from `pool`, default every latent), (flipped) latents and which rows were flipped."""
+        if pool is None:
+            idx = torch.randint(0, len(self.data.latents), (bsz,), generator=g)
+        else:
+            idx = pool[torch.randint(0, len(pool), (bsz,), generator=g)]
         latents = self.data.latents[idx]
         flips = (torch.rand(bsz, generator=g) < 0.5) & self.cfg.hflip
         # flipping latents ~ flipping images: the SD autoencoder is convolutional

@@ -36,6 +36,7 @@ class TrainingData:
     blank: torch.Tensor | None = None  # latent of the augmentation's grey canvas
     trajectory: torch.Tensor | None = None  # [N, S, C, H, W] sampler states of each latent (--anchor-trajectory)
     trajectory_t: torch.Tensor | None = None  # [N, S] their timesteps
+    prior_pool: torch.Tensor | None = None  # indices of the anchor images (`--target-images`: not the target's)
 
 
 def copy_filter(plan: RunPlan, concept, device):
@@ -79,7 +80,7 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
     # Taken before the frozen weights are cast for mixed precision (the dtype is part of the key).
     model_key = data.anchor_model_key(cfg.model, plan.model_path, pipe, None)
     latents, anchor_rows, target_rows, prompts, generated = [], [], [], [], 0
-    states, state_t = [], []
+    states, state_t, pool = [], [], []  # pool: where the anchor images are (the prior term draws only those)
     for i, concept in enumerate(plan.concepts):
         if cfg.variant == "image-based" and (cfg.anchor_images or cfg.retrieval):
             source = cfg.anchor_images
@@ -104,11 +105,13 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
                                                  autocast=accelerator.autocast,
                                                  copy_filter=copy_filter(plan, concept, pipe.device))
             generated += cfg.num_anchor_images if anchors.generated else 0
-            if cfg.target_images:
-                target = target_image_latents(pipe, settings, concept, cfg.target_images, cfg.cache_dir,
-                                              cfg.anchor_batch_size, accelerator.autocast)
-                generated += cfg.target_images if target.generated else 0
-                anchors = _joined(anchors, target)
+        start = sum(len(x) for x in latents)
+        pool.append(torch.arange(start, start + len(anchors.latents)))
+        if cfg.target_images:  # model-based only (TrainConfig.check): the anchors were generated with `settings`
+            target = target_image_latents(pipe, settings, concept, cfg.target_images, cfg.cache_dir,
+                                          cfg.anchor_batch_size, accelerator.autocast)
+            generated += cfg.target_images if target.generated else 0
+            anchors = _joined(anchors, target)
         offset = len(prompts)
         variants = concept.variants()  # [anchor prompt][template]
         prompts += list(concept.anchor_prompts) + [v for row in variants for v in row]
@@ -125,6 +128,8 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         most = max(widths)
         target_rows = [torch.cat([r, r[:, :1].expand(-1, most - r.shape[1])], 1) for r in target_rows]
     training = TrainingData(torch.cat(latents), torch.cat(anchor_rows), torch.cat(target_rows), prompts)
+    if cfg.target_images:  # the prior term holds the anchor on anchor images, not on the target's
+        training.prior_pool = torch.cat(pool)
     if cfg.anchor_trajectory:
         training.trajectory, training.trajectory_t = torch.cat(states), torch.cat(state_t)
     if cfg.augment:

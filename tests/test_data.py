@@ -472,6 +472,7 @@ def test_target_images_join_the_anchors_paired_with_their_anchor_prompts(model_d
     plain, _ = prepare_data(plan_run(build_config(None, {**values, "target_images": 0})), pipe, Accelerator(cpu=True))
     assert generated == 5 and training.latents.shape[0] == 5
     assert torch.equal(training.latents[:3], plain.latents)  # the anchors are unchanged (same cache entry)
+    assert training.prior_pool.tolist() == [0, 1, 2] and plain.prior_pool is None  # the prior term: anchors only
     concept = plan.concepts[0]
     targets = tuple(row[0] for row in concept.variants())
     cfg = plan.config
