@@ -17,7 +17,7 @@ TOY_MODEL_ID = "toy"
 TOY_MODELS = {TOY_MODEL_ID: "pipeline", "toy-sd3": "sd3"}
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 _CHOICES = ("pass `toy` (or `toy-sd3`), a diffusers folder (with model_index.json), a single-file .safetensors "
-            "checkpoint (SD 1.x/2.x/SDXL) or a hub id like `CompVis/stable-diffusion-v1-4`")
+            "checkpoint (SD 1.x/2.x/SDXL/SD3) or a hub id like `CompVis/stable-diffusion-v1-4`")
 
 
 class ModelNotFoundError(ConfigError, FileNotFoundError):
@@ -164,8 +164,38 @@ def dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if renamed else {"torch_dtype": dtype}
 
 
+def embedded_configs(path: str) -> dict[str, dict] | None:
+    """The diffusers configs `save_single_file` embedded in a checkpoint (`model_index`, `unet` or `transformer`,
+    `vae`, ...), read from its header only; None for a file written elsewhere."""
+    import json
+
+    from ablation.single_file import CONFIG_KEY, _header
+
+    _, metadata = _header(Path(path))
+    return json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
+
+
+def single_file_config_dir(path: str, model_config: str | None = None) -> str:
+    """The diffusers folder that holds a single-file checkpoint's configs when none are embedded: `model_config`,
+    or the family's configs in the local Hugging Face cache.
+
+    Raises:
+        ConfigError: neither is available.
+    """
+    if model_config is not None:
+        return str(Path(model_config).expanduser())
+    from ablation.single_file import _cached_config_dir, model_type
+
+    folder = _cached_config_dir(model_type(path))
+    if folder is None:
+        raise ConfigError(f"{path} is a single-file checkpoint whose diffusers configs are not available "
+                          f"offline; pass --model-config DIR (a diffusers folder of the same family)")
+    return str(folder)
+
+
 def read_model_configs(model: str, model_config: str | None = None) -> tuple[dict, dict]:
-    """The UNet and VAE configs of a model without loading weights (for planning a run).
+    """The denoiser (UNet, or SD3/FLUX transformer) and VAE configs of a model without loading weights (for
+    planning a run).
 
     For a single-file checkpoint they come from `model_config` (a diffusers folder of the same family),
     the configs embedded by `save_single_file`, or the local Hugging Face cache.
@@ -176,20 +206,12 @@ def read_model_configs(model: str, model_config: str | None = None) -> tuple[dic
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     resolved = resolve_model(model)
-    if is_single_file(resolved) and model_config is None:
-        import json
-
-        from ablation.single_file import CONFIG_KEY, _cached_config_dir, _header, model_type
-
-        _, metadata = _header(Path(resolved))
-        if CONFIG_KEY in metadata:
-            configs = json.loads(metadata[CONFIG_KEY])
-            return configs["unet"], configs["vae"]
-        folder = _cached_config_dir(model_type(resolved))
-        if folder is None:
-            raise ConfigError(f"{resolved} is a single-file checkpoint whose diffusers configs are not available "
-                              f"offline; pass --model-config DIR (a diffusers folder of the same family)")
-        resolved = str(folder)
+    if is_single_file(resolved):
+        configs = embedded_configs(resolved) if model_config is None else None
+        if configs is not None:
+            # an SD3 file has no UNet: its transformer's config takes the denoiser's place, as for an SD3 folder
+            return dict(configs.get("unet") or configs["transformer"]), dict(configs["vae"])
+        resolved = single_file_config_dir(resolved, model_config)
     elif model_config is not None:
         resolved = str(Path(model_config).expanduser())
     try:

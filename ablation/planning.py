@@ -68,11 +68,38 @@ def _clip_only(model_path: str, pipe) -> bool:
 
         return clip_only_text(pipe)
     index = Path(model_path) / "model_index.json"
-    if not index.is_file():
-        return False
-    spec = json.loads(index.read_text())
+    return index.is_file() and _index_without_t5(json.loads(index.read_text()))
+
+
+def _index_without_t5(spec: dict) -> bool:
+    """An SD3 model_index whose `text_encoder_3` is null (saved without T5)."""
     return spec.get("_class_name", "").startswith("StableDiffusion3") and spec.get("text_encoder_3") in (None,
                                                                                                       [None, None])
+
+
+#: families `ablation.single_file.layout` can write (UNet covers SD 1.x/2.x/XL; inpainting / upscaling UNets are
+#: refused by planning anyway)
+SINGLE_FILE_FAMILIES = ("unet", "sd3")
+
+
+def _single_file_family(path: str, model_config: str | None) -> tuple[str, bool]:
+    """(family, clip_only) of a single-file checkpoint. A file has no model_index.json beside it: the configs
+    `save_single_file` embedded tell, else its config folder (`--model-config`, or the Hugging Face cache)."""
+    from ablation.architectures import SD3_PIPELINES
+    from ablation.models import embedded_configs, single_file_config_dir
+
+    configs = embedded_configs(path) if model_config is None else None
+    if configs is None:
+        folder = single_file_config_dir(path, model_config)
+        return _family(folder, None, {}), _clip_only(folder, None)
+    if "unet" in configs:
+        return "unet", False
+    index = configs.get("model_index", {})
+    name = index.get("_class_name", "?")
+    if name not in SD3_PIPELINES:  # save_single_file writes no other transformer model
+        raise ConfigError(f"{path} embeds a {name}, which has no single-file layout here (SD 1.x/2.x/XL and SD3 "
+                          f"only); pass a diffusers folder")
+    return "sd3", _index_without_t5(index)
 
 
 SLUG_MAX_BYTES = 64  # far below the 255-byte file-name limit of common filesystems, and readable in a listing
@@ -158,12 +185,20 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
             model_path = resolve_model(config.model)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
-        if is_single_file(model_path):  # an SD1/SD2/SDXL checkpoint file: configs from --model-config or the file
+        if is_single_file(model_path):  # an SD1/SD2/SDXL/SD3 checkpoint file: configs from --model-config or the file
             unet_config, vae_config = read_model_configs(model_path, config.model_config)
         else:
             unet_config, vae_config = _read_model_configs(model_path)
     toy = is_toy(config.model)
-    family = _family(model_path, pipe, unet_config)
+    if pipe is None and is_single_file(model_path):
+        family, clip_only = _single_file_family(model_path, config.model_config)
+    else:
+        family, clip_only = _family(model_path, pipe, unet_config), _clip_only(model_path, pipe)
+    if "single-file" in config.export and family not in SINGLE_FILE_FAMILIES:
+        # the export runs after training: refused here, the run would be lost at its very end
+        name = "FLUX" if family.startswith("flux") else family
+        raise ConfigError(f"--export single-file has no {name} layout (SD 1.x/2.x/XL and SD3 only); "
+                          f"use --export lora or pipeline")
     if family == "unet" and unet_config.get("in_channels", 4) != 4:
         raise ConfigError(f"model {config.model!r} has a {unet_config['in_channels']}-channel UNet (inpainting or "
                           f"upscaling); ablate a text-to-image model and apply the delta to it")
@@ -176,7 +211,7 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
         config, toy=toy, concept_types=[c.concept_type for c in concepts],
         prior_preservation=any(needs_prior_preservation(c) for c in concepts),
         native_resolution=native, vae_scale_factor=multiple, family=family)
-    check_family_options(resolved, family, clip_only=_clip_only(model_path, pipe))
+    check_family_options(resolved, family, clip_only=clip_only)
     encodes = resolved.robust and resolved.robust_adversary in ("prefix", "shifted")
     if encodes and unet_config.get("addition_embed_type"):
         raise ConfigError(f"--robust-adversary {resolved.robust_adversary} drives one CLIP text encoder "

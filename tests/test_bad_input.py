@@ -244,3 +244,29 @@ def _clean_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TQDM_"))}
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory) -> str:
+    from ablation.testing import tiny_mmdit_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_flux") / "flux"
+    tiny_mmdit_pipeline("flux").save_pretrained(path)
+    return str(path)
+
+
+def test_single_file_export_on_flux(flux_dir, tmp_path, capsys):
+    """FLUX has no single-file layout: refused when planning, not after the whole run (the export comes last)."""
+    from ablation.config import ConfigError, build_config
+    from ablation.planning import plan_run
+    from ablation.testing import tiny_mmdit_pipeline
+
+    message = "--export single-file has no FLUX layout (SD 1.x/2.x/XL and SD3 only); use --export lora or pipeline"
+    _fails(capsys, _args(flux_dir, tmp_path, "--export", "single-file"), message, root=tmp_path)
+    _fails(capsys, _args(flux_dir, tmp_path, "--export", "lora", "single-file", "--plan"), message, root=tmp_path)
+    # the Python API with a loaded pipeline (FLUX.1-schnell here) is refused the same way
+    values = dict(model=flux_dir, target=["Grumpy Cat"], anchor=["Cat"], output_dir=str(tmp_path / "out"),
+                  export=["single-file"])
+    with pytest.raises(ConfigError, match="has no FLUX layout"):
+        plan_run(build_config(None, values), pipe=tiny_mmdit_pipeline("flux-schnell"))
+    assert not (tmp_path / "out").exists()

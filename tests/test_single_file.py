@@ -416,3 +416,63 @@ def test_sd3_run_exports_a_single_file(tmp_path):
     trained = _transformer_out(result.pipeline.transformer)
     assert _max_diff(trained, _transformer_out(tiny_mmdit_pipeline("sd3").transformer)) > 1e-4  # it did train
     assert _max_diff(_transformer_out(loaded.transformer), trained) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def sd3_files(tmp_path_factory) -> dict[str, str]:
+    """The tiny SD3 training pipeline (`tiny_mmdit_pipeline`) as single files, with and without T5, plus a copy
+    without the embedded configs and a config folder for it: {"t5", "no-t5", "bare", "config"}."""
+    from ablation.testing import tiny_mmdit_pipeline
+
+    root = tmp_path_factory.mktemp("sd3_single")
+    out = {}
+    for name, t5 in (("t5", True), ("no-t5", False)):
+        out[name] = str(save_single_file(tiny_mmdit_pipeline("sd3", t5=t5), root / f"{name}.safetensors"))
+    out["bare"] = str(root / "bare.safetensors")  # as from a model site: weights only
+    save_file(load_file(out["t5"]), out["bare"])
+    tiny_mmdit_pipeline("sd3").save_pretrained(root / "config")
+    out["config"] = str(root / "config")
+    return out
+
+
+def test_planning_reads_the_family_of_an_sd3_single_file(sd3_files, tmp_path):
+    """A file has no model_index.json: the embedded configs (or --model-config) give the SD3 family and with it
+    the same defaults as the SD3 folder, and SD3 without T5 keeps its embedding group."""
+    from ablation.planning import plan_run
+
+    def plan(model, **overrides):
+        values = dict(model=model, target=["Grumpy Cat"], anchor=["Cat"], output_dir=str(tmp_path / "p"))
+        return plan_run(build_config(None, {**values, **overrides}))
+
+    folder = plan(sd3_files["config"])
+    for model, extra in ((sd3_files["t5"], {}), (sd3_files["bare"], {"model_config": sd3_files["config"]})):
+        found = plan(model, **extra)
+        assert found.family == folder.family == "sd3"
+        assert found.config.resolution == folder.config.resolution == 16  # sample_size 8 x VAE factor 2
+        assert (found.config.lora_rank, found.config.anchor_scheduler) == (folder.config.lora_rank, "euler")
+    with pytest.raises(ConfigError, match="--model-config"):
+        plan(sd3_files["bare"])
+    assert plan(sd3_files["no-t5"], params="embedding", lora_rank=0).family == "sd3"
+    with pytest.raises(ConfigError, match="--params embedding"):
+        plan(sd3_files["t5"], params="embedding", lora_rank=0)
+
+
+def test_cli_trains_from_an_sd3_single_file(sd3_files, tmp_path, capsys):
+    """`ablate train --model <SD3 .safetensors> --export single-file`: the delta re-applies to the file, and the
+    exported file reloads to the same transformer."""
+    from ablation.checkpoint import load_ablated_pipeline, read_metadata
+    from ablation.testing import tiny_mmdit_pipeline
+
+    run = tmp_path / "run"
+    code = cli_main(["train", "--model", sd3_files["t5"], "--target", "Grumpy Cat", "--anchor", "Cat",
+                     "--resolution", "16", "--num-anchor-images", "2", "--anchor-steps", "2", "--max-steps", "2",
+                     "--train-batch-size", "2", "--learning-rate", "3e-2", "--lora-rank", "4",
+                     "--no-prior-preservation", "--checkpointing-steps", "0", "--export", "single-file",
+                     "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    assert read_metadata(run / "delta.safetensors")["base_model"] == sd3_files["t5"]
+    ablated = load_ablated_pipeline(sd3_files["t5"], str(run))
+    trained = _transformer_out(ablated.transformer)
+    assert _max_diff(trained, _transformer_out(tiny_mmdit_pipeline("sd3").transformer)) > 1e-4  # it did train
+    exported = models.load_pipeline(str(run / "single-file" / "run.safetensors"))
+    assert _max_diff(_transformer_out(exported.transformer), trained) < 1e-5
