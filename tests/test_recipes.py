@@ -109,6 +109,7 @@ def test_24gb_recipe_states_its_plan_and_fits(path, tmp_path):
     """The planned peak in the header is what `--plan` gives from the model's published configs, and <= 22 GB."""
     import re
 
+    from ablation.config import PAPER_COMMON
     from ablation.memory import GB, PlanSettings, plan_memory
     from ablation.published import config_folder
 
@@ -119,6 +120,7 @@ def test_24gb_recipe_states_its_plan_and_fits(path, tmp_path):
                             prior_preservation=True, resolution=config.resolution,
                             mixed_precision=config.mixed_precision,
                             gradient_checkpointing=config.gradient_checkpointing,
-                            use_8bit_adam=config.use_8bit_adam, anchor_batch_size=config.anchor_batch_size)
+                            use_8bit_adam=config.use_8bit_adam,
+                            anchor_batch_size=config.anchor_batch_size or PAPER_COMMON["anchor_batch_size"])
     plan = plan_memory(config_folder(name, tmp_path / name), settings, family)
     assert plan.peak / GB == pytest.approx(stated, abs=0.06) and stated <= 22
