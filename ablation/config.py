@@ -31,6 +31,8 @@ ParamGroup = Literal["cross-attn", "attn", "full", "embedding", "text-kv+embedde
 Sampler = Literal["ddim", "dpm++", "euler", "ddpm", "pndm"]
 #: precision names (`--mixed-precision`, `--dtype`; accelerate's `no` is fp32) -> the name the project prints
 PRECISIONS = {"no": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+#: the precision names of `--dtype` (the values of PRECISIONS, in order)
+Precision = Literal[tuple(dict.fromkeys(PRECISIONS.values()))]
 #: classifier-free guidance of the paper's sampling (anchors and evaluation, docs/method.md): every default uses it
 GUIDANCE = 6.0
 #: sampler name -> diffusers scheduler class: the one table of anchors, `ablate eval / generate / attack` and the demo

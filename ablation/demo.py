@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from ablation.config import GUIDANCE, SAMPLERS, ConfigError
+from ablation.config import GUIDANCE, ConfigError, Sampler
+from ablation.flags import add_arguments, from_namespace, option
 
 logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "demo_assets"
@@ -61,7 +62,7 @@ class DemoSettings:
     guidance: float = GUIDANCE
     num_images: int = 2
     seed: int = 0
-    scheduler: str = "ddim"
+    scheduler: Sampler = "ddim"
 
 
 class Demo:
@@ -321,46 +322,57 @@ def make_server(demo: Demo, host: str = "127.0.0.1", port: int = 7860) -> Thread
     return server
 
 
+@dataclass
+class DemoOptions:
+    """`ablate demo` (its flags: `ablation.flags`); the page's defaults are `DemoSettings`'."""
+
+    ablated: list[str] = option("run folder, delta file, LoRA folder or pipeline folder (repeatable)",
+                                default_factory=list, required=True, repeatable=True)
+    base: str | None = option("base model (default: the run's recorded base model, else toy)", default=None)
+    host: str = option("interface to bind (default: 127.0.0.1, this machine only)", default="127.0.0.1")
+    port: int = option("port (default: 7860; 0 = any free port)", default=7860)
+    steps: int = option("default sampling steps on the page", default=DemoSettings.steps)
+    guidance: float = option("default classifier-free guidance", default=DemoSettings.guidance)
+    num_images: int = option("default images per model", default=DemoSettings.num_images)
+    scheduler: Sampler = option("sampler", default=DemoSettings.scheduler)
+    device: str | None = option("cuda, cpu, ... (default: cuda when available)", default=None)
+
+    def settings(self) -> DemoSettings:
+        """The page's controls and sampling."""
+        return DemoSettings(steps=self.steps, guidance=self.guidance, num_images=self.num_images,
+                            scheduler=self.scheduler)
+
+
 def parser() -> argparse.ArgumentParser:
-    """Arguments of `ablate demo`."""
+    """Arguments of `ablate demo` (the fields of `DemoOptions`)."""
     p = argparse.ArgumentParser(prog="ablate demo", description="Serve a page that shows the base model and each "
                                 "ablated run side by side for any prompt, with the same seeds, and the runs' "
                                 "evaluation tables and grids.")
-    p.add_argument("--ablated", action="append", default=[], required=True,
-                   help="run folder, delta file, LoRA folder or pipeline folder (repeatable)")
-    p.add_argument("--base", default=None, help="base model (default: the run's recorded base model, else toy)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 = any free port)")
-    p.add_argument("--steps", type=int, default=25, help="default sampling steps on the page")
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help="default classifier-free guidance")
-    p.add_argument("--num-images", type=int, default=2, help="default images per model")
-    p.add_argument("--scheduler", default="ddim", choices=SAMPLERS, help="sampler")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    add_arguments(p, DemoOptions)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """`ablate demo`: load the models, serve until Ctrl-C."""
-    args = parser().parse_args(argv)
+    opts = from_namespace(DemoOptions, parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    settings = DemoSettings(steps=args.steps, guidance=args.guidance, num_images=args.num_images,
-                            scheduler=args.scheduler)
+    settings = opts.settings()
     try:
-        for key, value in (("steps", args.steps), ("guidance", args.guidance), ("num_images", args.num_images)):
+        for key, value in (("steps", opts.steps), ("guidance", opts.guidance), ("num_images", opts.num_images)):
             low, high = LIMITS[key]
             if not low <= value <= high:
                 raise ConfigError(f"--{key.replace('_', '-')} must be between {low} and {high}, got {value}")
-        if not 0 <= args.port <= 65535:
-            raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
-        check_sources(args.ablated)
-        server = make_server(_Pending(), args.host, args.port)  # bind before loading: a busy port fails fast
+        if not 0 <= opts.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {opts.port}")
+        check_sources(opts.ablated)
+        server = make_server(_Pending(), opts.host, opts.port)  # bind before loading: a busy port fails fast
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        demo = Demo.load(args.base, args.ablated, settings, args.device)
+        demo = Demo.load(opts.base, opts.ablated, settings, opts.device)
     except ConfigError as e:
         server.server_close()
         print(f"error: {e}", file=sys.stderr)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ablation import checkpoint
+from ablation.config import ExportKind, Precision
+from ablation.flags import add_arguments, from_namespace, option
 from ablation.models import torch_dtype
 
 
@@ -50,44 +53,46 @@ def _run(func, argv: list[str] | None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+_DTYPE = ("pipeline / single-file: load the base in this dtype (no fp32 copy of it first) and write the result in "
+          "it, the delta's tensors cast to it (default: fp32). A LoRA by SVD always subtracts the fp32 base")
+_OVERWRITE = "replace a non-empty --out"
+
+
+@dataclass
+class ApplyOptions:
+    """`ablate apply` (its flags: `ablation.flags`)."""
+
+    base: str | None = option("base model: `toy`, a diffusers directory, a single-file .safetensors checkpoint or a "
+                              "hub id (default: the base_model recorded in the delta's metadata)", default=None)
+    delta: str = option("a delta.safetensors file, a run's output directory (its delta.safetensors) or a LoRA "
+                        "directory (merged into the weights)", required=True)
+    out: str = option("directory to write the pipeline to", required=True)
+    overwrite: bool = option(_OVERWRITE, default=False)
+    force: bool = option("apply even when the delta records other base weights than --base's", default=False)
+    dtype: Precision = option(_DTYPE, default="fp32")
+
+
 def apply_parser() -> argparse.ArgumentParser:
-    """Arguments of `ablate apply`."""
+    """Arguments of `ablate apply` (the fields of `ApplyOptions`)."""
     parser = argparse.ArgumentParser(
         prog="ablate apply",
         description="Apply an ablation delta to a base model and save the complete diffusers pipeline "
                     "(safetensors), loadable with DiffusionPipeline.from_pretrained(OUT).",
     )
-    parser.add_argument("--base", default=None,
-                        help="base model: `toy`, a diffusers directory, a single-file .safetensors checkpoint or "
-                             "a hub id (default: the base_model recorded in the delta's metadata)")
-    parser.add_argument("--delta", required=True,
-                        help="a delta.safetensors file, a run's output directory (its delta.safetensors) or a "
-                             "LoRA directory (merged into the weights)")
-    parser.add_argument("--out", required=True, help="directory to write the pipeline to")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--force", action="store_true",
-                        help="apply even when the delta records other base weights than --base's")
-    _add_dtype(parser)
+    add_arguments(parser, ApplyOptions)
     return parser
 
 
-def _add_dtype(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="pipeline / single-file: load the base in this dtype (no fp32 copy of it first) and "
-                             "write the result in it, the delta's tensors cast to it (default: fp32). A LoRA by SVD "
-                             "always subtracts the fp32 base")
-
-
 def _apply(argv: list[str] | None) -> None:
-    args = apply_parser().parse_args(argv)
-    out = Path(args.out).expanduser()
-    _check_out(out, args.overwrite)
-    kind, path = checkpoint.resolve_delta(args.delta)
+    opts = from_namespace(ApplyOptions, apply_parser().parse_args(argv))
+    out = Path(opts.out).expanduser()
+    _check_out(out, opts.overwrite)
+    kind, path = checkpoint.resolve_delta(opts.delta)
     if kind == "pipeline":
         raise _UsageError(f"{path} is already a complete pipeline; nothing to apply")
     metadata = checkpoint.read_metadata(path)
-    base = _base_of(args.base, metadata, path)
-    pipe = checkpoint.load_ablated_pipeline(base, path, force=args.force, torch_dtype=torch_dtype(args.dtype))
+    base = _base_of(opts.base, metadata, path)
+    pipe = checkpoint.load_ablated_pipeline(base, path, force=opts.force, torch_dtype=torch_dtype(opts.dtype))
     if kind == "lora":
         pipe.fuse_lora()  # merge adapters into the weights so the saved pipeline needs no peft
         pipe.unload_lora_weights()
@@ -105,8 +110,26 @@ def apply_main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ExportOptions:
+    """`ablate export` (its flags: `ablation.flags`)."""
+
+    run: str = option("the run's output directory (holds delta.safetensors)", required=True)
+    format: ExportKind | None = option("what to write (optional with --push-to-hub)", default=None)
+    base: str | None = option("base model (default: the base_model recorded in the delta's metadata)", default=None)
+    rank: int | None = option("LoRA rank of the SVD (default: the run's lora_rank, else 16)", default=None)
+    out: str | None = option("output directory (default: RUN/pipeline, RUN/lora or RUN/single-file)", default=None)
+    overwrite: bool = option(_OVERWRITE, default=False)
+    force: bool = option("export even when the delta records other base weights than --base's", default=False)
+    push_to_hub: str | None = option("upload the run folder (delta, exports, model card; not checkpoints) to this "
+                                     "Hub repo", default=None, metavar="REPO")
+    hub_token: str | None = option("Hub token (default: the logged-in token, HF_TOKEN)", default=None)
+    private: bool = option("create the Hub repo as private", default=False)
+    dtype: Precision = option(_DTYPE, default="fp32")
+
+
 def export_parser() -> argparse.ArgumentParser:
-    """Arguments of `ablate export`."""
+    """Arguments of `ablate export` (the fields of `ExportOptions`)."""
     parser = argparse.ArgumentParser(
         prog="ablate export",
         description="Export a finished run (its delta.safetensors) as a complete diffusers pipeline, as a "
@@ -117,46 +140,31 @@ def export_parser() -> argparse.ArgumentParser:
                     "reconstruction error is logged); changed biases, norms, convolutions and embedding rows "
                     "are dropped.",
     )
-    parser.add_argument("--run", required=True, help="the run's output directory (holds delta.safetensors)")
-    parser.add_argument("--format", choices=checkpoint.EXPORT_KINDS, help="what to write (optional with --push-to-hub)")
-    parser.add_argument("--base", default=None,
-                        help="base model (default: the base_model recorded in the delta's metadata)")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="LoRA rank of the SVD (default: the run's lora_rank, else 16)")
-    parser.add_argument("--out", default=None,
-                        help="output directory (default: RUN/pipeline, RUN/lora or RUN/single-file)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--force", action="store_true",
-                        help="export even when the delta records other base weights than --base's")
-    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
-                        help="upload the run folder (delta, exports, model card; not checkpoints) to this Hub repo")
-    parser.add_argument("--hub-token", default=None, help="Hub token (default: the logged-in token, HF_TOKEN)")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    _add_dtype(parser)
+    add_arguments(parser, ExportOptions)
     return parser
 
 
 def _export(argv: list[str] | None) -> None:
-    args = export_parser().parse_args(argv)
-    run = Path(args.run).expanduser()
+    opts = from_namespace(ExportOptions, export_parser().parse_args(argv))
+    run = Path(opts.run).expanduser()
     delta_file = run / checkpoint.DELTA_FILENAME if run.is_dir() else run
     if not delta_file.is_file():
         raise _UsageError(f"{delta_file} does not exist; --run takes a finished run's output directory")
-    if args.format is None:
-        if not args.push_to_hub:
+    if opts.format is None:
+        if not opts.push_to_hub:
             raise _UsageError("give --format pipeline|lora|single-file, --push-to-hub REPO, or both")
-        _publish(args, delta_file.parent)
+        _publish(opts, delta_file.parent)
         return
-    out = Path(args.out).expanduser() if args.out else delta_file.parent / args.format
-    _check_out(out, args.overwrite)
-    if args.rank is not None and args.rank < 1:
-        raise _UsageError(f"--rank must be >= 1, got {args.rank}")
+    out = Path(opts.out).expanduser() if opts.out else delta_file.parent / opts.format
+    _check_out(out, opts.overwrite)
+    if opts.rank is not None and opts.rank < 1:
+        raise _UsageError(f"--rank must be >= 1, got {opts.rank}")
     tensors, metadata = checkpoint.load_delta(delta_file)
-    base = _base_of(args.base, metadata, delta_file)
-    if args.format in ("pipeline", "single-file"):
-        pipe = checkpoint.load_ablated_pipeline(base, delta_file, force=args.force,
-                                                torch_dtype=torch_dtype(args.dtype))
-        if args.format == "pipeline":
+    base = _base_of(opts.base, metadata, delta_file)
+    if opts.format in ("pipeline", "single-file"):
+        pipe = checkpoint.load_ablated_pipeline(base, delta_file, force=opts.force,
+                                                torch_dtype=torch_dtype(opts.dtype))
+        if opts.format == "pipeline":
             checkpoint.save_pipeline(pipe, out, {**metadata, "base_model": base})
         else:
             from ablation.export import save_single_file_export
@@ -165,25 +173,25 @@ def _export(argv: list[str] | None) -> None:
     else:
         from ablation.models import load_pipeline
 
-        rank = args.rank or int(metadata.get("lora_rank", "0") or 0) or 16
-        base_pipe = load_pipeline(base, torch_dtype=torch_dtype(args.dtype))
-        checkpoint.check_base(base_pipe, metadata, delta_file, keys=tensors, force=args.force)
+        rank = opts.rank or int(metadata.get("lora_rank", "0") or 0) or 16
+        base_pipe = load_pipeline(base, torch_dtype=torch_dtype(opts.dtype))
+        checkpoint.check_base(base_pipe, metadata, delta_file, keys=tensors, force=opts.force)
         state, error = checkpoint.svd_lora_state(base_pipe, tensors, rank)
         checkpoint.save_lora(base_pipe, out, state, {**metadata, "base_model": base, "lora_rank": str(rank),
                                                            "svd_relative_error": f"{error:.6g}"})
         print(f"LoRA rank {rank}: relative reconstruction error {error:.3g}")
     print(f"wrote {out}")
-    _publish(args, delta_file.parent)
+    _publish(opts, delta_file.parent)
 
 
-def _publish(args, run: Path) -> None:
+def _publish(opts: ExportOptions, run: Path) -> None:
     """Refresh the run's model card (it lists the exports), then upload the run if asked."""
     from ablation.model_card import push_to_hub, write_model_card
 
     if (run / "config.yaml").is_file():
-        write_model_card(run, repo_id=args.push_to_hub)
-    if args.push_to_hub:
-        url = push_to_hub(run, args.push_to_hub, token=args.hub_token, private=args.private)
+        write_model_card(run, repo_id=opts.push_to_hub)
+    if opts.push_to_hub:
+        url = push_to_hub(run, opts.push_to_hub, token=opts.hub_token, private=opts.private)
         print(f"uploaded {run} to {url}")
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from ablation.config import DEFAULT_CLIP, GUIDANCE, LARGE_CLIP, ConceptType, Sampler
+from ablation.config import DEFAULT_CLIP, GUIDANCE, LARGE_CLIP, ConceptType, Precision, Sampler
 from ablation.evaluation.selection import TOY_EVAL_BATCH, TOY_EVAL_STEPS
 from ablation.flags import add_argument, add_arguments, from_namespace, option
 from ablation.sampling.generate import SamplingSettings
@@ -41,7 +41,7 @@ class SamplingOptions:
     width: int | None = option("image width (default: the model's)", default=None)
     negative_prompt: str | None = option("negative prompt for every image", default=None)
     device: str | None = option("cuda, cpu, ... (default: cuda when available)", default=None)
-    dtype: Literal["fp32", "fp16", "bf16"] = option("generator precision", default="fp32")
+    dtype: Precision = option("generator precision", default="fp32")
 
     def settings(self) -> SamplingSettings:
         """What the sampler needs (the cache key and manifest entry)."""
