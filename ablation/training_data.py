@@ -136,7 +136,6 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         add_prefixed_prompts(training)
         training.blank = _blank(pipe.vae, cfg.resolution)
     if cfg.preserve_weight:
-
         controls = control_prompts(plan.concepts, plan.toy)
         training.control_rows = torch.arange(len(training.prompts), len(training.prompts) + len(controls))
         training.prompts.extend(controls)
@@ -173,7 +172,6 @@ def _joined(anchors, target):
 
 
 def _takes_negative_prompt(pipe) -> bool:
-
     return training_adapter(pipe).negative_prompts
 
 

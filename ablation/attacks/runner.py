@@ -97,7 +97,6 @@ class AttackSettings:
         if self.clip and not Path(self.clip).expanduser().exists() and self.clip.startswith((".", "/", "~")):
             raise ConfigError(f"--clip {self.clip}: no such directory")
         if self.prompts_file:
-
             read_user_prompts(self.prompts_file)
 
 

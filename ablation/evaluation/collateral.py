@@ -176,7 +176,6 @@ def summarize(concepts: Sequence[str], base: dict[str, list[str]], ablated: dict
 
 @contextlib.contextmanager
 def _scheduler(pipe, name: str) -> Iterator:
-
     original = pipe.scheduler
     set_scheduler(pipe, name)
     try:

@@ -119,7 +119,6 @@ def model_key(name: str, model: str, source: str | None, settings: EvalSettings,
 
 
 def _source_path(source: str) -> Path:
-
     return resolve_delta(source)[1]
 
 
@@ -154,7 +153,6 @@ def _memorized_reference(task: ConceptTask, judge, size: tuple[int, int], overri
         with Image.open(path) as im:
             return judge.image_features([im.convert("RGB")]), str(path)
     if task.source == "toyworld":
-
         image = Image.fromarray(render(task.target, 0, size=size[0]))
         return judge.image_features([image]), "toyworld-render"
     if base_images is not None and len(base_images.features):
@@ -192,7 +190,6 @@ def score_concept(task: ConceptTask, concept: str, images: ConceptImages, judge,
 
 
 def _load_base(model: str, device: torch.device, dtype: str, scheduler: str):
-
     pipe = models.load_pipeline(model, torch_dtype=DTYPES[dtype]).to(device)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -269,7 +266,6 @@ def evaluate(base_model: str, runs: Sequence[str], tasks: Sequence[ConceptTask],
         for entry in models:
             entry["key"] = model_key(entry["name"], base_model, entry["delta"], settings, dev.type)
             if entry["delta"]:
-
                 entry["metadata"] = read_metadata(_source_path(entry["delta"]))
             with ablated(pipe, entry["delta"], cache=cache):
                 images[entry["name"]], control_images[entry["name"]] = _generate_all(
@@ -397,7 +393,6 @@ def _control_judges(base_model: str, tasks: Sequence[ConceptTask], controls, jud
     """CLIP chooses among every toy concept (toy model), else among the controls and the tasks' concepts."""
 
     if is_toy(base_model):
-
         concepts = catalog().concepts
         return Judges(list(concepts), [c.judge_text for c in concepts.values()], judge, classifier)
     texts = {c.name: c.judge_text for c in controls}
