@@ -515,7 +515,9 @@ TOY_PRESERVE_UNCOND = 1000.0
 #: images only, nemo stayed 0.44 / 0.56 (classifier / CLIP, 32 images) after the default steps, its orange trajectory
 #: never trained; with 96 target images (three quarters of each batch) it goes; where the target names its anchor
 #: (grumpy cat -> cat, prior preservation) the target's images are near the anchors' and only dilute the batch
-#: (grumpy cat 0.06 -> 0.12-0.16). docs/paper-parity.md, "The target's own images"
+#: (grumpy cat 0.06 -> 0.12-0.16). Not under --robust, which was tuned without them: with them nemo's robust run kept
+#: 0.25 of its images and lost to every embedding attack (docs/robustness.md). docs/paper-parity.md, "The target's
+#: own images"
 TOY_TARGET_IMAGES = 96
 TOY_COMMON: dict[str, Any] = dict(scale_lr=False, prior_weight=1.0, num_anchor_images=32, teacher="frozen",
                                   preserve_weight=0.0, target_images=0, anchor_batch_size=64,
@@ -602,7 +604,8 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
     kv = (config.params or defaults["params"]) == "cross-attn"
     if toy and "preserve_uncond" not in defaults:  # the K/V group only: memorization / nudity were tuned without it
         defaults["preserve_uncond"] = TOY_PRESERVE_UNCOND if prior and kv else 0.0
-    if toy and family not in MMDIT_DEFAULTS and kv and not prior and concept_types[0] in ("instance", "style"):
+    if (toy and family not in MMDIT_DEFAULTS and kv and not prior and not config.robust
+            and concept_types[0] in ("instance", "style")):
         defaults["target_images"] = TOY_TARGET_IMAGES
     if config.variant == "image-based":  # the target's images are for the model-based loss only
         defaults["target_images"] = 0

@@ -231,3 +231,20 @@ def test_recipes_parse_and_their_prompts_resolve(recipe):
     config = build_config(str(recipe))
     for concept in resolve_concepts(config.concept_specs(), toy=is_toy(config.model)):
         assert concept.anchor_prompts and len(concept.target_prompts) == len(concept.anchor_prompts)
+
+
+def test_toy_target_images_default_only_for_the_kv_group_without_a_prior_term(model_dir):
+    """96 target images on the toy where the target does not name its anchor; none with a prior term, another
+    group or variant, --robust, or on a real model (the paper's objective)."""
+    from ablation.config import TOY_TARGET_IMAGES
+    from ablation.planning import plan_run
+
+    def images(**values):
+        return plan_run(build_config(None, {"target": ["nemo"], "anchor": ["fish"], **values})).config.target_images
+
+    assert TOY_TARGET_IMAGES == 96
+    assert images() == 96 and images(target=["van gogh"], anchor=["painting"]) == 96
+    assert images(target=["grumpy cat"], anchor=["cat"]) == 0  # prior preservation
+    assert images(params="embedding") == 0 and images(variant="image-based") == 0 and images(robust=True) == 0
+    assert images(model=model_dir) == 0  # not the toy model
+    assert images(target_images=8) == 8
