@@ -605,10 +605,8 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
     if toy and "preserve_uncond" not in defaults:  # the K/V group only: memorization / nudity were tuned without it
         defaults["preserve_uncond"] = TOY_PRESERVE_UNCOND if prior and kv else 0.0
     if (toy and family not in MMDIT_DEFAULTS and kv and not prior and not config.robust
-            and concept_types[0] in ("instance", "style")):
+            and config.variant == "model-based" and concept_types[0] in ("instance", "style")):
         defaults["target_images"] = TOY_TARGET_IMAGES
-    if config.variant == "image-based":  # the target's images are for the model-based loss only
-        defaults["target_images"] = 0
     defaults["robust_radius"] = 0.1 if config.robust_adversary == "ball" else 1.0
     updates = {k: v for k, v in defaults.items() if getattr(config, k) is None}
     resolved = dataclasses.replace(config, **updates)

@@ -153,7 +153,6 @@ def target_image_latents(pipe, anchor_settings: SamplerSettings, concept, count:
     that anchor prompt like an anchor image; the seeds follow the anchors' (`seed + num_anchor_images + k`). No
     copy filter: for a memorized image, its copies are exactly the states the ablation has to leave.
     """
-
     prompts = tuple(row[0] for row in concept.variants())
     settings = dataclasses.replace(anchor_settings, prompts=prompts, count=count, negative_prompt=None,
                                    seed=anchor_settings.seed + anchor_settings.count)

@@ -22,17 +22,21 @@ OTHER = ("robot", "golden retriever")  # the family once painted orange; the one
 OTHER_CLIP_BOUND = 0.3
 
 
-@pytest.fixture(scope="module")
-def collateral(tmp_path_factory):
+def _ablate_and_measure(tmp, target: str, anchor: str, concepts) -> dict:
+    """`ablate train` with the defaults, then both judges on 16 images per concept (DDIM 10), base vs ablated."""
     from ablation.evaluation.collateral import measure
     from ablation.models import load_pipeline
 
-    tmp = tmp_path_factory.mktemp("toy_ablation")
     run = tmp / "run"
-    code = main(["train", "--target", "grumpy cat", "--anchor", "cat", "--output-dir", str(run),
+    code = main(["train", "--target", target, "--anchor", anchor, "--output-dir", str(run),
                  "--cache-dir", str(tmp / "cache"), "--checkpointing-steps", "0"])
     assert code == 0
-    return measure(load_pipeline("toy"), str(run), concepts=[*FAMILY, *OTHER], per_concept=16, steps=10)
+    return measure(load_pipeline("toy"), str(run), concepts=list(concepts), per_concept=16, steps=10)
+
+
+@pytest.fixture(scope="module")
+def collateral(tmp_path_factory):
+    return _ablate_and_measure(tmp_path_factory.mktemp("toy_ablation"), "grumpy cat", "cat", [*FAMILY, *OTHER])
 
 
 @pytest.mark.parametrize("judge", ["clip", "classifier"])
@@ -62,15 +66,7 @@ NEMO_FAMILY = ("nemo", "fish", "goldfish")
 
 @pytest.fixture(scope="module")
 def nemo(tmp_path_factory):
-    from ablation.evaluation.collateral import measure
-    from ablation.models import load_pipeline
-
-    tmp = tmp_path_factory.mktemp("toy_ablation_nemo")
-    run = tmp / "run"
-    code = main(["train", "--target", "nemo", "--anchor", "fish", "--output-dir", str(run),
-                 "--cache-dir", str(tmp / "cache"), "--checkpointing-steps", "0"])
-    assert code == 0
-    return measure(load_pipeline("toy"), str(run), concepts=[*NEMO_FAMILY, *OTHER], per_concept=16, steps=10)
+    return _ablate_and_measure(tmp_path_factory.mktemp("toy_ablation_nemo"), "nemo", "fish", [*NEMO_FAMILY, *OTHER])
 
 
 #: issue 20's bar is 0.10. The classifier holds it; the CLIP judge sees nemo in 1 of 32 images in the sweep's seeds
