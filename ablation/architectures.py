@@ -159,11 +159,20 @@ class Architecture:
         """The scheduler anchor images are sampled with, for a user's sampler name."""
         raise NotImplementedError
 
+    def sampling_conditioning(self, pipe, prompts: list[str], *, guidance: float, device,
+                              negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """What the pipeline call of `sample_latents` would encode from the prompts, encoded now with the pipeline's
+        own `encode_prompt` and the same arguments: keyword arguments that replace `prompt` / `negative_prompt` in
+        that call (`--offload-text-encoders` encodes every batch before the denoiser returns to the device)."""
+        raise NotImplementedError
+
     def sample_latents(self, pipe, prompts: list[str], *, steps: int, guidance: float, resolution: int,
-                       generators: list[torch.Generator], negative_prompt: str | None = None) -> torch.Tensor:
+                       generators: list[torch.Generator], negative_prompt: str | None = None,
+                       conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Sample anchor latents with the pipeline (`output_type="latent"`), as float32 [B, C, H, W] on the CPU.
 
-        The caller sets `pipe.scheduler` (`anchor_sampler`) and autocast; one generator per image.
+        The caller sets `pipe.scheduler` (`anchor_sampler`) and autocast; one generator per image. `conditioning`
+        (`sampling_conditioning` of these prompts) replaces the prompts: the text encoders are not called.
         """
         raise NotImplementedError
 
@@ -215,10 +224,24 @@ class UNetArchitecture(Architecture):
             raise ConfigError(f"unknown anchor sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
         return getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
 
-    def sample_latents(self, pipe, prompts, *, steps, guidance, resolution, generators, negative_prompt=None):
-        kwargs = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(prompts)}
-        out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                   width=resolution, generator=generators, output_type="latent", **kwargs)
+    def sampling_conditioning(self, pipe, prompts, *, guidance, device, negative_prompt=None):
+        negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        guided = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' own test
+        if is_sdxl(pipe):
+            pe, npe, ppe, nppe = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=guided, negative_prompt=negative)
+            out = {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+                   "negative_pooled_prompt_embeds": nppe}
+        else:
+            pe, npe = pipe.encode_prompt(prompts, device, 1, guided, negative)
+            out = {"prompt_embeds": pe, "negative_prompt_embeds": npe}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def sample_latents(self, pipe, prompts, *, steps, guidance, resolution, generators, negative_prompt=None,
+                       conditioning=None):
+        out = pipe(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                   generator=generators, output_type="latent",
+                   **_text_kwargs(prompts, negative_prompt, conditioning))
         return out.images.float().cpu()
 
 
@@ -282,12 +305,30 @@ class SD3Architecture(FlowArchitecture):
         return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond.embeds,
                      pooled_projections=cond.pooled, return_dict=False)[0]
 
-    def sample_latents(self, pipe, prompts, *, steps, guidance, resolution, generators, negative_prompt=None):
-        kwargs = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(prompts)}
-        out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                   width=resolution, generator=generators, output_type="latent",
-                   max_sequence_length=self.max_sequence_length, **kwargs)
+    def sampling_conditioning(self, pipe, prompts, *, guidance, device, negative_prompt=None):
+        negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                num_images_per_prompt=1, do_classifier_free_guidance=guidance > 1,
+                                                negative_prompt=negative,
+                                                max_sequence_length=self.max_sequence_length)
+        out = {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+               "negative_pooled_prompt_embeds": nppe}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def sample_latents(self, pipe, prompts, *, steps, guidance, resolution, generators, negative_prompt=None,
+                       conditioning=None):
+        out = pipe(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                   generator=generators, output_type="latent", max_sequence_length=self.max_sequence_length,
+                   **_text_kwargs(prompts, negative_prompt, conditioning))
         return out.images.float().cpu()
+
+
+def _text_kwargs(prompts, negative_prompt, conditioning) -> dict:
+    """The text inputs of a sampling call: encoded ones (`sampling_conditioning`) or the prompts themselves."""
+    if conditioning is not None:
+        return dict(conditioning)
+    negative = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(prompts)}
+    return {"prompt": prompts, **negative}
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -346,13 +387,21 @@ class FluxArchitecture(FlowArchitecture):
                     txt_ids=text_ids.to(noisy.device, cond.embeds.dtype), img_ids=img_ids, return_dict=False)[0]
         return unpack_latents(out, h, w)
 
-    def sample_latents(self, pipe, prompts, *, steps, guidance, resolution, generators, negative_prompt=None):
+    def sampling_conditioning(self, pipe, prompts, *, guidance, device, negative_prompt=None):
+        if negative_prompt is not None:
+            raise ConfigError("FLUX samples without classifier-free guidance: a negative prompt would be ignored")
+        pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                        max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+
+    def sample_latents(self, pipe, prompts, *, steps, guidance, resolution, generators, negative_prompt=None,
+                       conditioning=None):
         if negative_prompt is not None:
             raise ConfigError("FLUX samples without classifier-free guidance: a negative prompt would be ignored")
         # For FLUX-dev `guidance_scale` is the distilled guidance input; schnell ignores it.
-        out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                   width=resolution, generator=generators, output_type="latent",
-                   max_sequence_length=self.max_sequence_length)
+        out = pipe(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                   generator=generators, output_type="latent", max_sequence_length=self.max_sequence_length,
+                   **_text_kwargs(prompts, None, conditioning))
         side = 2 * (resolution // (pipe.vae_scale_factor * 2))  # what the pipeline sampled
         return unpack_latents(out.images, side, side).float().cpu()
 

@@ -299,7 +299,8 @@ def load_torchscript_embedder(path: str | Path, device: str | torch.device | Non
 
 
 def _generate_filtered(pipe, settings: SamplerSettings, indices: list[int], batch_size: int,
-                       copy_filter: CopyFilter, disable_progress: bool) -> dict[str, list]:
+                       copy_filter: CopyFilter, disable_progress: bool, offload_text_encoders: bool = False
+                       ) -> dict[str, list]:
     """Sample, drop copies, resample the dropped slots with fresh seeds (`seed + r * count + k` in round r).
 
     A slot keeps its prompt; its seeds depend only on k and the round, so the set is the same for any
@@ -312,7 +313,8 @@ def _generate_filtered(pipe, settings: SamplerSettings, indices: list[int], batc
         if not pending:
             break
         seeds = [settings.seed + round_ * settings.count + k for k in pending]
-        columns = generate_latents(pipe, settings, pending, batch_size, disable_progress or round_ > 0, seeds)
+        columns = generate_latents(pipe, settings, pending, batch_size, disable_progress or round_ > 0, seeds,
+                                   offload_text_encoders)
         keep = filter_copies(torch.from_numpy(np.stack(columns["latents"])), copy_filter.reference_image,
                              copy_filter.embed_fn, copy_filter.threshold, vae=pipe.vae)
         for j, ok in enumerate(keep.tolist()):
@@ -393,7 +395,8 @@ def _load_anchor_set(path: Path, generated: bool) -> AnchorSet:
 
 
 def cached_anchor_latents(pipe, settings: SamplerSettings, cache_dir: str | Path, batch_size: int = 16,
-                          autocast=None, copy_filter: CopyFilter | None = None) -> AnchorSet:
+                          autocast=None, copy_filter: CopyFilter | None = None,
+                          offload_text_encoders: bool = False) -> AnchorSet:
     """Anchor latents from the cache, generating (distributed) and caching them on a miss.
 
     Every process must call this (it synchronises them).
@@ -406,6 +409,7 @@ def cached_anchor_latents(pipe, settings: SamplerSettings, cache_dir: str | Path
         batch_size: images per generation batch.
         autocast: optional context manager factory for mixed-precision sampling.
         copy_filter: drop (and resample) anchors that copy a memorized image; part of the cache key.
+        offload_text_encoders: the text encoders are in CPU memory (`generate_latents`); not part of the key.
 
     Returns:
         The anchor set; `generated` tells whether this call sampled it. With a copy filter it may hold
@@ -432,9 +436,11 @@ def cached_anchor_latents(pipe, settings: SamplerSettings, cache_dir: str | Path
     disable = not state.is_local_main_process
     with autocast() if autocast else contextlib.nullcontext():
         if copy_filter is None:
-            columns = generate_latents(pipe, settings, indices, batch_size, disable_progress=disable)
+            columns = generate_latents(pipe, settings, indices, batch_size, disable_progress=disable,
+                                       offload_text_encoders=offload_text_encoders)
         else:
-            columns = _generate_filtered(pipe, settings, indices, batch_size, copy_filter, disable)
+            columns = _generate_filtered(pipe, settings, indices, batch_size, copy_filter, disable,
+                                         offload_text_encoders)
     shape = _latent_shape(pipe, columns, settings.resolution)
     # `datasets` cannot save an empty dataset: a process whose anchors were all copies writes no shard,
     # and an empty set is never cached (every process then fails below, none waits forever).

@@ -19,7 +19,7 @@ from ablation.io import atomic_dir
 from ablation.lora_convert import (
     KOHYA_SUFFIX,
     kohya_base_metadata,
-    kohya_flux_state_dict,
+    kohya_fused_state_dict,
     kohya_state_dict,
     lora_state_from_pipe,
     svd_lora_state,
@@ -73,7 +73,7 @@ def save_lora(pipe, out_dir: str | Path, lora_state: Mapping[str, dict],
         out_dir: the LoRA folder.
         lora_state: see `lora_convert`.
         metadata: the delta's metadata (also written as `ablation.json`).
-        kohya: also write the kohya file (UNet pipelines; FLUX when the LoRA is on the text q/k/v).
+        kohya: also write the kohya file (UNet pipelines; SD3 / FLUX when the LoRA is on the text q/k/v).
     """
     from safetensors.torch import save_file
 
@@ -89,12 +89,11 @@ def save_lora(pipe, out_dir: str | Path, lora_state: Mapping[str, dict],
     kohya_tensors = None
     if kohya and "transformer" not in lora_state:
         kohya_tensors = kohya_state_dict(lora_state, text_encoders=text_encoders)
-    elif kohya and "Flux" in pipe_cls.__name__:
-        try:  # the text K/V group has an exact fused form; other groups keep diffusers' layout only
-            kohya_tensors = kohya_flux_state_dict(lora_state)
+    elif kohya:  # SD3 / FLUX: the text K/V group has an exact fused form; other groups keep diffusers' layout
+        try:
+            kohya_tensors = kohya_fused_state_dict(lora_state, "flux" if "Flux" in pipe_cls.__name__ else "sd3")
         except ValueError as err:
             logger.info("no kohya file for this LoRA: %s", err)
-    # SD3 LoRAs keep diffusers' layout only: no loader to check a kohya SD3 file against (diffusers has none)
     kohya_meta = {k: v for k, v in (metadata or {}).items() if k != "format"}
     kohya_meta.update({"format": "pt", "ablation_format": "kohya-lora", "ss_network_module": "networks.lora",
                        **kohya_base_metadata(pipe)})

@@ -4,7 +4,8 @@ The common currency is a `lora_state`: `{component: {"state_dict": {"<module>.lo
 "<module>.lora_B.weight": B, ...}, "config": LoraConfig.to_dict()}}` -- peft's saved key format plus the
 config that carries the scale (`lora_alpha / r`). `save_lora` (ablation.export) writes it for diffusers'
 `load_lora_weights`; `kohya_state_dict` converts it to the kohya-ss layout that AUTOMATIC1111 and ComfyUI
-load (`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`).
+load (`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`), `kohya_fused_state_dict`
+an SD3 / FLUX text-stream LoRA to kohya's fused-qkv layout of those models.
 """
 
 from __future__ import annotations
@@ -224,35 +225,39 @@ def kohya_state_dict(lora_state: Mapping[str, dict], text_encoders: int = 1) -> 
     return out
 
 
-#: FLUX double-stream block i's text-stream projections -> the fused kohya / BFL module that holds them
-_FLUX_TEXT_QKV = re.compile(r"^transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj$")
+#: the text-stream projections of block i in diffusers' names (FLUX double-stream / SD3 joint blocks)
+_TEXT_QKV = re.compile(r"^transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj$")
+#: the fused kohya module that holds them, as kohya-ss names it after the original checkpoints (BFL, Stability)
+_FUSED_TEXT_QKV = {"flux": "lora_unet_double_blocks_{}_txt_attn_qkv",
+                   "sd3": "lora_unet_joint_blocks_{}_context_block_attn_qkv"}
 
 
-def kohya_flux_state_dict(lora_state: Mapping[str, dict]) -> dict[str, torch.Tensor]:
-    """A FLUX transformer's text-stream LoRA in kohya-ss's FLUX layout (what ComfyUI and diffusers' kohya loader read).
+def kohya_fused_state_dict(lora_state: Mapping[str, dict], family: str) -> dict[str, torch.Tensor]:
+    """An MMDiT's text-stream LoRA in kohya-ss's layout for FLUX (`family="flux"`) or SD3 / SD3.5 (`"sd3"`).
 
-    kohya and the original (BFL) FLUX checkpoint fuse each double-stream block's text q, k and v into one linear,
-    `double_blocks.<i>.txt_attn.qkv`; diffusers keeps `add_q_proj`, `add_k_proj`, `add_v_proj`. A LoRA on some of
-    them becomes one LoRA of rank 3r on the fused module: `lora_down` stacks the parts' A (zeros for a part
-    without LoRA), `lora_up` is block-diagonal in their B, so it changes exactly the parts that were trained (the
-    layout diffusers' `_convert_kohya_flux_lora_to_diffusers` recognises as sparse and splits back). alpha is
-    scale x 3r, as the tools scale by alpha / rank.
+    The original checkpoints, and kohya after them, fuse each block's text q, k and v into one linear: FLUX's
+    `double_blocks.<i>.txt_attn.qkv`, SD3's `joint_blocks.<i>.context_block.attn.qkv`; diffusers keeps
+    `add_q_proj`, `add_k_proj`, `add_v_proj`. A LoRA on some of them becomes one LoRA of rank 3r on the fused
+    module: `lora_down` stacks the parts' A (zeros for a part without LoRA), `lora_up` is block-diagonal in their
+    B, so it changes exactly the parts that were trained. alpha is scale x 3r, as the tools scale by alpha / rank.
+    ComfyUI maps `lora_unet_<original name with _>` onto the original weight for every model; diffusers'
+    `_convert_kohya_flux_lora_to_diffusers` reads the FLUX form back (it has no SD3 kohya reader).
 
     Raises:
-        ValueError: a LoRA module outside the double blocks' text q/k/v (no exact fused form written here), or
-            parts of one block with different ranks or scales.
+        ValueError: a LoRA module outside the blocks' text q/k/v (no exact fused form written here), or parts of
+            one block with different ranks or scales.
     """
     out: dict[str, torch.Tensor] = {}
     blocks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     entry = lora_state.get("transformer")
     others = sorted(set(lora_state) - {"transformer"})
     if others or entry is None:
-        raise ValueError(f"kohya FLUX export covers the transformer only, not {others}")
+        raise ValueError(f"kohya {family} export covers the transformer only, not {others}")
     modules = {key.partition(".lora_")[0] for key in entry["state_dict"]}
     for module in sorted(modules):
-        match = _FLUX_TEXT_QKV.match(module)
+        match = _TEXT_QKV.match(module)
         if not match:
-            raise ValueError(f"transformer.{module}: only the double blocks' text q/k/v have a kohya FLUX form here")
+            raise ValueError(f"transformer.{module}: only the blocks' text q/k/v have a kohya {family} form here")
         a = entry["state_dict"][f"{module}.lora_A.weight"].detach().cpu().float()
         b = entry["state_dict"][f"{module}.lora_B.weight"].detach().cpu().float()
         blocks.setdefault(int(match[1]), {})[match[2]] = (a, b, lora_scale(entry.get("config"), module))
@@ -260,7 +265,7 @@ def kohya_flux_state_dict(lora_state: Mapping[str, dict]) -> dict[str, torch.Ten
         (a0, b0, scale), *_ = parts.values()
         rank, d_in, d_out = a0.shape[0], a0.shape[1], b0.shape[0]
         if any(a.shape[0] != rank or not math.isclose(sc, scale) for a, _, sc in parts.values()):
-            raise ValueError(f"double block {index}: its text q/k/v LoRAs differ in rank or scale")
+            raise ValueError(f"block {index}: its text q/k/v LoRAs differ in rank or scale")
         down = torch.zeros(3 * rank, d_in)
         up = torch.zeros(3 * d_out, 3 * rank)
         for slot, name in enumerate("qkv"):
@@ -268,7 +273,7 @@ def kohya_flux_state_dict(lora_state: Mapping[str, dict]) -> dict[str, torch.Ten
                 a, b, _ = parts[name]
                 down[slot * rank:(slot + 1) * rank] = a
                 up[slot * d_out:(slot + 1) * d_out, slot * rank:(slot + 1) * rank] = b
-        key = f"lora_unet_double_blocks_{index}_txt_attn_qkv"
+        key = _FUSED_TEXT_QKV[family].format(index)
         out[f"{key}.lora_down.weight"] = down.contiguous()
         out[f"{key}.lora_up.weight"] = up.contiguous()
         out[f"{key}.alpha"] = torch.tensor(scale * 3 * rank, dtype=torch.float32)

@@ -35,6 +35,7 @@ from ablation.config import PRECISIONS
 
 GB = 1024**3
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # no activation of a run is float8
 
 
 class LiveBytes(TorchDispatchMode):
@@ -53,6 +54,8 @@ class LiveBytes(TorchDispatchMode):
         self._preexisting = {id(s) for s in self._kept}
 
     def _track(self, tensor: torch.Tensor) -> None:
+        if tensor.dtype in FLOAT8:  # --fp8-base re-stores each frozen weight after its layer ran: counted as weights
+            return
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._seen or key in self._preexisting:
@@ -81,6 +84,7 @@ class MemoryPlan:
     anchors: dict[str, int]  # part -> bytes while anchors are sampled
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    encoding: dict[str, int] = field(default_factory=dict)  # part -> bytes while offloaded text encoders encode
 
     @property
     def train_total(self) -> int:
@@ -92,12 +96,15 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return max(self.train_total, self.anchors_total)
+        return max(self.train_total, self.anchors_total, sum(self.encoding.values()))
 
     def to_dict(self) -> dict:
-        return {"peak_gb": round(self.peak / GB, 3), "train_gb": {k: round(v / GB, 3) for k, v in self.train.items()},
-                "anchors_gb": {k: round(v / GB, 3) for k, v in self.anchors.items()}, "notes": self.notes,
-                "settings": self.settings}
+        out = {"peak_gb": round(self.peak / GB, 3), "train_gb": {k: round(v / GB, 3) for k, v in self.train.items()},
+               "anchors_gb": {k: round(v / GB, 3) for k, v in self.anchors.items()}, "notes": self.notes,
+               "settings": self.settings}
+        if self.encoding:
+            out["encoding_gb"] = {k: round(v / GB, 3) for k, v in self.encoding.items()}
+        return out
 
     def table(self) -> str:
         """The plan as printed by `ablate train --plan`."""
@@ -106,6 +113,9 @@ class MemoryPlan:
         rows += [f"    {k:<34} {v / GB:8.2f} GB" for k, v in self.train.items()]
         rows += [f"  anchor sampling: {self.anchors_total / GB:.2f} GB"]
         rows += [f"    {k:<34} {v / GB:8.2f} GB" for k, v in self.anchors.items()]
+        if self.encoding:
+            rows += [f"  prompt encoding (denoiser in CPU memory): {sum(self.encoding.values()) / GB:.2f} GB"]
+            rows += [f"    {k:<34} {v / GB:8.2f} GB" for k, v in self.encoding.items()]
         rows += [f"  peak: {self.peak / GB:.2f} GB (CUDA context and workspaces not included)"]
         rows += [f"  note: {n}" for n in self.notes]
         return "\n".join(rows)
@@ -228,6 +238,8 @@ class PlanSettings:
     generates_anchors: bool = True
     keeps_text_encoders: bool = False  # embedding group or the prefix adversary
     offload: bool = True  # False on the CPU: "offloading" moves nothing out of the one memory there
+    offload_text_encoders: bool = False  # in CPU memory from the start (ablation.placement)
+    fp8_base: bool = False
 
     @classmethod
     def from_config(cls, config, device_type: str = "cuda") -> PlanSettings:
@@ -238,7 +250,8 @@ class PlanSettings:
                    use_8bit_adam=config.use_8bit_adam, teacher=config.teacher, variant=config.variant,
                    anchor_batch_size=config.anchor_batch_size,
                    generates_anchors=not (config.anchor_images or config.retrieval), keeps_text_encoders=keeps,
-                   offload=device_type != "cpu")
+                   offload=device_type != "cpu", offload_text_encoders=config.offload_text_encoders,
+                   fp8_base=config.fp8_base)
 
 
 def plan_memory(model_path: str | Path, settings: PlanSettings, family: str, vae_factor: int = 8,
@@ -247,7 +260,7 @@ def plan_memory(model_path: str | Path, settings: PlanSettings, family: str, vae
 
     `device="cpu"` runs the same steps for real on random weights: how the tests check the symbolic run."""
     from ablation.architectures import FluxArchitecture, SD3Architecture, UNetArchitecture
-    from ablation.models import torch_dtype
+    from ablation.models import store_in_fp8, torch_dtype
     from ablation.params import add_lora, group_parameter_names
 
     dtype = torch_dtype(settings.mixed_precision)
@@ -256,6 +269,8 @@ def plan_memory(model_path: str | Path, settings: PlanSettings, family: str, vae
     denoiser = modules[name]
     for p in denoiser.parameters():  # not ModelMixin.to, which warns about fp32-kept modules on every cast
         p.data = p.data.to(dtype)
+    if settings.fp8_base:  # as the trainer does it: before LoRA, the trained group's modules left as they are
+        store_in_fp8(denoiser, settings.params, dtype)
     if family == "unet":
         adapter, text_len = UNetArchitecture(vae_factor), lengths.get("tokenizer", 77)
     elif family == "sd3":
@@ -284,7 +299,7 @@ def plan_memory(model_path: str | Path, settings: PlanSettings, family: str, vae
             p.data = p.data.float()
             p.requires_grad_(True)
         trained_count = sum(p.numel() for p in trained)
-    frozen_denoiser = _bytes([p for p in denoiser.parameters() if not p.requires_grad], dtype)
+    frozen_denoiser = sum(p.numel() * p.element_size() for p in denoiser.parameters() if not p.requires_grad)
     text_bytes = _bytes([p for n, m in modules.items() if n in TEXT_ENCODERS for p in m.parameters()], dtype)
     vae_bytes = _bytes(modules["vae"].parameters(), dtype) if "vae" in modules else 0
     dense_teacher = (settings.variant == "model-based" and settings.teacher == "frozen" and not settings.lora_rank
@@ -319,30 +334,44 @@ def plan_memory(model_path: str | Path, settings: PlanSettings, family: str, vae
              "activations" + (" (gradient checkpointing)" if settings.gradient_checkpointing else ""): activations}
     if settings.keeps_text_encoders or not settings.offload:
         train["text encoders"] = text_bytes
+    elif settings.offload_text_encoders:
+        notes.append(f"text encoders ({text_bytes / GB:.2f} GB) visit the accelerator only to encode, the denoiser "
+                     f"then in CPU memory (encoders' activations not counted)")
     else:
         notes.append(f"text encoders ({text_bytes / GB:.2f} GB) leave the accelerator after prompt encoding")
+    if settings.fp8_base:
+        notes.append("frozen denoiser weights in float8, upcast layer by layer"
+                     + ("" if settings.gradient_checkpointing else "; without gradient checkpointing autograd keeps "
+                        "every upcast layer for the backward pass (counted in the activations)"))
     if not settings.offload:
         train["VAE"] = vae_bytes
 
     anchors: dict[str, int] = {}
+    offloaded = settings.offload_text_encoders and settings.offload
     if settings.generates_anchors:
         denoiser.eval()
 
+        guided = 1 if family.startswith("flux") else 2  # FLUX is guidance-distilled: one pass per step
+
         def sampler_step() -> None:
             with torch.no_grad():
-                noisy, t, cond = _inputs(family, denoiser, 2 * settings.anchor_batch_size, settings.resolution,
+                noisy, t, cond = _inputs(family, denoiser, guided * settings.anchor_batch_size, settings.resolution,
                                          text_len, dtype, vae_factor)
                 adapter.predict(denoiser, noisy, t, cond)
 
-        base = _bytes([p for n, p in denoiser.named_parameters() if "lora_" not in n], dtype)
-        anchors = {"denoiser weights": base, "text encoders": text_bytes,
+        base = sum(p.numel() * p.element_size() for n, p in denoiser.named_parameters() if "lora_" not in n)
+        anchors = {"denoiser weights": base, "text encoders": 0 if offloaded else text_bytes,
                    "VAE": vae_bytes,
-                   f"sampler activations (batch {settings.anchor_batch_size} x 2 for guidance)":
+                   f"sampler activations (batch {settings.anchor_batch_size}"
+                   + (" x 2 for guidance)" if guided == 2 else ")"):
                        _step_peak(sampler_step, denoiser)}
-    return MemoryPlan(train=train, anchors=anchors, notes=notes, settings={
+    encoding = {"text encoders": text_bytes, "VAE": vae_bytes} if offloaded else {}
+    return MemoryPlan(train=train, anchors=anchors, notes=notes, encoding=encoding, settings={
         "dtype": PRECISIONS[settings.mixed_precision], "group": settings.params,
         "LoRA rank": settings.lora_rank, "batch": rows, "resolution": settings.resolution,
-        "checkpointing": settings.gradient_checkpointing, "8-bit Adam": settings.use_8bit_adam})
+        "checkpointing": settings.gradient_checkpointing, "8-bit Adam": settings.use_8bit_adam,
+        **({"text encoders offloaded": True} if offloaded else {}),
+        **({"fp8 base": True} if settings.fp8_base else {})})
 
 
 #: options tried, in this order, when a plan exceeds `--max-memory` (the first set that fits is named)
@@ -354,10 +383,15 @@ FITTING_OPTIONS: list[dict[str, Any]] = [
     {"lora_rank": 16, "gradient_checkpointing": True, "use_8bit_adam": True, "anchor_batch_size": 1},
     {"lora_rank": 16, "gradient_checkpointing": True, "use_8bit_adam": True, "anchor_batch_size": 1,
      "batch_size": 1},
+    {"lora_rank": 16, "gradient_checkpointing": True, "use_8bit_adam": True, "anchor_batch_size": 1,
+     "batch_size": 1, "offload_text_encoders": True},
+    {"lora_rank": 16, "gradient_checkpointing": True, "use_8bit_adam": True, "anchor_batch_size": 1,
+     "batch_size": 1, "offload_text_encoders": True, "fp8_base": True},
 ]
 FLAG_NAMES = {"gradient_checkpointing": "--gradient-checkpointing", "lora_rank": "--lora-rank 16",
               "use_8bit_adam": "--use-8bit-adam", "anchor_batch_size": "--anchor-batch-size 1",
-              "batch_size": "--train-batch-size 1"}
+              "batch_size": "--train-batch-size 1", "offload_text_encoders": "--offload-text-encoders",
+              "fp8_base": "--fp8-base"}
 
 
 def fitting_flags(model_path, settings: PlanSettings, family: str, limit_gb: float, vae_factor: int = 8
@@ -367,7 +401,8 @@ def fitting_flags(model_path, settings: PlanSettings, family: str, limit_gb: flo
 
     for option in FITTING_OPTIONS:
         changed = {k: v for k, v in option.items() if getattr(settings, k) != v}
-        if not changed or (settings.params == "embedding" and "lora_rank" in changed):
+        if not changed or (settings.params == "embedding" and "lora_rank" in changed) or (
+                settings.keeps_text_encoders and "offload_text_encoders" in changed):
             continue
         plan = plan_memory(model_path, dataclasses.replace(settings, **changed), family, vae_factor)
         if plan.peak <= limit_gb * GB:

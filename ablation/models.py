@@ -236,6 +236,30 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[PRECISIONS[name]]
 
 
+def store_in_fp8(denoiser, group: str, compute_dtype) -> int:
+    """`--fp8-base`: the denoiser's frozen weights stored in float8 (e4m3), each layer upcast to `compute_dtype`
+    while it runs (diffusers' `enable_layerwise_casting`, with its default exceptions: norms, patch and position
+    embeddings, the input / output projections). The modules of the trained `group` keep their dtype: a dense
+    group trains its own weights, and LoRA's base layers stay as loaded, so the delta's fingerprint and the LoRA's
+    base are the checkpoint's weights. Call it before LoRA is added (the adapters then carry no casting hooks).
+
+    Returns:
+        How many parameters are now stored in float8.
+    """
+    import re
+
+    import torch
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    from ablation.params import group_parameter_names
+
+    trained = set() if group == "embedding" else {n.rsplit(".", 1)[0] for n in group_parameter_names(denoiser, group)}
+    patterns = tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(f"^{re.escape(m)}$" for m in sorted(trained))
+    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                      skip_modules_pattern=patterns)
+    return sum(p.numel() for p in denoiser.parameters() if p.dtype == torch.float8_e4m3fn)
+
+
 def read_component_tensors(model_path: str, component: str, names) -> dict:
     """Only the named tensors of one component of a diffusers folder, read from its safetensors files in float32.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ablation import __version__, checkpoint, losses
+from ablation import __version__, checkpoint, losses, placement
 from ablation.architectures import training_adapter
 from ablation.concepts import common_words
 from ablation.config import EXPORT_KINDS, PRECISIONS, ConfigError, TrainConfig, learning_rate
@@ -24,7 +24,7 @@ from ablation.delta import base_weights_fingerprint
 from ablation.io import atomic_write_text
 from ablation.merge import base_name
 from ablation.model_card import write_model_card
-from ablation.models import torch_dtype
+from ablation.models import store_in_fp8, torch_dtype
 from ablation.objective import Objective
 from ablation.params import setup_trainable, target_token_ids
 from ablation.planning import RunPlan, memory_plan, plan_run
@@ -136,13 +136,17 @@ def _make_optimizer(cfg: TrainConfig, params, lr: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _cast_frozen(modules, dtype) -> None:
     """Frozen weights in the mixed-precision dtype (a no-op for a pipeline loaded in it: only a pipeline passed in
     by the Python API is still fp32 here); trained tensors stay fp32 (`setup_trainable`), as diffusers' training
     examples keep them: autocast bridges the two, and AdamW's states follow the fp32 tensors."""
     for module in modules:
         for p in module.parameters():
-            if not p.requires_grad and p.dtype != dtype:
+            # float8: stored so on purpose by --fp8-base (layerwise casting upcasts them as their layer runs)
+            if not p.requires_grad and p.dtype != dtype and p.dtype not in FLOAT8:
                 p.data = p.data.to(dtype)
 
 
@@ -253,6 +257,8 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     if cfg.mixed_precision != "no" and not accelerator.native_amp:  # accelerate silently skips autocast then
         raise ConfigError(f"--mixed-precision {cfg.mixed_precision} is not available on {accelerator.device.type}; "
                           f"use bf16 or no on CPU")
+    if cfg.fp8_base and accelerator.num_processes > 1:  # DDP broadcasts every weight; no backend is tested with fp8
+        raise ConfigError("--fp8-base runs in one process: launch without --num_processes, or drop --fp8-base")
     accelerator.wait_for_everyone()  # every rank has checked the output directory before anybody writes to it
     # Held (by this local) until train() returns; a second run into the same directory fails at once.
     _run_lock = _lock_output(plan) if accelerator.is_main_process else None
@@ -275,12 +281,14 @@ def train(config: TrainConfig, plan: RunPlan | None = None, pipe=None, started_a
     if loaded:  # frozen weights straight in the training dtype: no fp32 copy of any component (FLUX: ~67 GB)
         pipe = load_pipeline(plan.model_path, torch_dtype=torch_dtype(cfg.mixed_precision),
                              model_config=cfg.model_config)
-    pipe = pipe.to(device)
+    if cfg.fp8_base:  # before anything samples or trains: the anchors come from the model that trains
+        store_in_fp8(training_adapter(pipe).denoiser(pipe), cfg.params, torch_dtype(cfg.mixed_precision))
+    placement.place(pipe, device, cfg.offload_text_encoders)
     pipe.set_progress_bar_config(disable=True)
     phases.mark("load")
     data, generated = prepare_data(plan, pipe, accelerator)
     phases.mark("anchor data")
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), placement.encoding(pipe, device, cfg.offload_text_encoders):
         data.embeddings = training_adapter(pipe).encode_prompts(pipe, data.prompts, device).to(device, torch.float32)
     token_ids = None
     if cfg.params == "embedding":

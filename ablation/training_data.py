@@ -103,13 +103,14 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
                                             negative_prompt=negative, trajectory=cfg.anchor_trajectory)
             anchors = data.cached_anchor_latents(pipe, settings, cfg.cache_dir, cfg.anchor_batch_size,
                                                  autocast=accelerator.autocast,
-                                                 copy_filter=copy_filter(plan, concept, pipe.device))
+                                                 copy_filter=copy_filter(plan, concept, pipe.device),
+                                                 offload_text_encoders=cfg.offload_text_encoders)
             generated += cfg.num_anchor_images if anchors.generated else 0
         start = sum(len(x) for x in latents)
         pool.append(torch.arange(start, start + len(anchors.latents)))
         if cfg.target_images:  # model-based only (TrainConfig.check): the anchors were generated with `settings`
             target = target_image_latents(pipe, settings, concept, cfg.target_images, cfg.cache_dir,
-                                          cfg.anchor_batch_size, accelerator.autocast)
+                                          cfg.anchor_batch_size, accelerator.autocast, cfg.offload_text_encoders)
             generated += cfg.target_images if target.generated else 0
             anchors = _joined(anchors, target)
         offset = len(prompts)
@@ -146,7 +147,7 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
 
 
 def target_image_latents(pipe, anchor_settings: SamplerSettings, concept, count: int, cache_dir, batch_size: int,
-                         autocast):
+                         autocast, offload_text_encoders: bool = False):
     """`--target-images`: `count` images of the target, sampled as the anchors are but with the target prompts.
 
     Image k uses target prompt k mod P, the variant of anchor prompt k mod P, so its `prompt_index` pairs it with
@@ -156,7 +157,8 @@ def target_image_latents(pipe, anchor_settings: SamplerSettings, concept, count:
     prompts = tuple(row[0] for row in concept.variants())
     settings = dataclasses.replace(anchor_settings, prompts=prompts, count=count, negative_prompt=None,
                                    seed=anchor_settings.seed + anchor_settings.count)
-    return data.cached_anchor_latents(pipe, settings, cache_dir, batch_size, autocast=autocast)
+    return data.cached_anchor_latents(pipe, settings, cache_dir, batch_size, autocast=autocast,
+                                      offload_text_encoders=offload_text_encoders)
 
 
 def _joined(anchors, target):

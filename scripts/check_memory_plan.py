@@ -11,6 +11,8 @@ On CUDA it is `torch.cuda.max_memory_allocated`. One JSON line per run, with the
     python scripts/check_memory_plan.py --models sd15 sdxl --mixed-precision bf16   # SDXL: ~16 GB of RAM to build
     python scripts/check_memory_plan.py --plan-only --models sd35-medium sd35-large flux-dev --resolution 1024 \\
         --mixed-precision bf16 --lora-rank 16 --gradient-checkpointing                  # configs on the meta device
+    python scripts/check_memory_plan.py --plan-only --models sd35-large flux-dev --resolution 1024 \\
+        --mixed-precision bf16 --lora-rank 16 --gradient-checkpointing --offload-text-encoders --fp8-base
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--lora-rank", type=int, default=None, help="only this rank (default: dense, then 16)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--offload-text-encoders", action="store_true")
+    parser.add_argument("--fp8-base", action="store_true")
+    parser.add_argument("--anchor-batch-size", type=int, default=2)
+    parser.add_argument("--prior-preservation", action="store_true", help="plan with the prior term (batch x 2)")
     parser.add_argument("--plan-only", action="store_true", help="print plans, run nothing")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ablation-memory-check")
     args = parser.parse_args(argv)
@@ -92,20 +98,26 @@ def main(argv: list[str] | None = None) -> int:
                                     prior_preservation=False, resolution=args.resolution,
                                     mixed_precision=args.mixed_precision,
                                     gradient_checkpointing=args.gradient_checkpointing, teacher="frozen",
-                                    anchor_batch_size=2, offload=device != "cpu")
+                                    anchor_batch_size=args.anchor_batch_size, offload=device != "cpu" or args.plan_only,
+                                    offload_text_encoders=args.offload_text_encoders, fp8_base=args.fp8_base)
+            if args.prior_preservation:
+                settings.prior_preservation = True
             plan = plan_memory(path, settings, family)
             row = {"model": name, "device": device, "lora_rank": rank, "plan": plan.to_dict()}
             if not args.plan_only:
                 out = args.workdir / f"run-{name}-{rank}"
                 cmd = [sys.executable, "-c", _CHILD, "--model", str(path), "--target", "Grumpy Cat", "--anchor",
                        "Cat", "--resolution", str(args.resolution), "--num-anchor-images", "2", "--anchor-steps",
-                       "1", "--anchor-batch-size", "2", "--max-steps", "1", "--train-batch-size",
-                       str(args.batch_size), "--no-prior-preservation", "--teacher", "frozen", "--params",
+                       "1", "--anchor-batch-size", str(args.anchor_batch_size), "--max-steps", "1",
+                       "--train-batch-size",
+                       str(args.batch_size), "--teacher", "frozen", "--params",
                        "cross-attn", "--lora-rank", str(rank), "--mixed-precision", args.mixed_precision,
                        "--checkpointing-steps", "0", "--output-dir", str(out), "--overwrite",
                        "--cache-dir", str(args.workdir / "cache")]
-                if args.gradient_checkpointing:
-                    cmd.append("--gradient-checkpointing")
+                if not args.prior_preservation:
+                    cmd.append("--no-prior-preservation")
+                switches = ("gradient_checkpointing", "offload_text_encoders", "fp8_base", "prior_preservation")
+                cmd += [f"--{k.replace('_', '-')}" for k in switches if getattr(args, k)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     row["error"] = proc.stderr[-1500:]

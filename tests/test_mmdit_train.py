@@ -8,6 +8,7 @@ pipeline's own `load_lora_weights`, the pipeline export loads, and a stopped run
 import pytest
 import torch
 import yaml
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -17,6 +18,7 @@ from ablation.checkpoint import DELTA_FILENAME, LORA_WEIGHT_NAME, load_ablated_p
 from ablation.config import ConfigError, build_config
 from ablation.models import load_pipeline
 from ablation.planning import plan_run
+from ablation.single_file import mmdit_entries
 from ablation.testing import tiny_mmdit_pipeline
 from ablation.trainer import list_checkpoints, train
 
@@ -101,18 +103,27 @@ def test_lora_and_pipeline_exports_reload(kind, mmdit_dirs, tmp_path):
     assert (tmp_path / "run" / "lora" / LORA_WEIGHT_NAME).is_file()
     fresh.load_lora_weights(str(tmp_path / "run" / "lora"))
     torch.testing.assert_close(_probe(fresh), trained, rtol=1e-5, atol=1e-6)
-    kohya = sorted((tmp_path / "run" / "lora").glob("*_kohya.safetensors"))
+    (kohya,) = sorted((tmp_path / "run" / "lora").glob("*_kohya.safetensors"))
+    with safe_open(str(kohya), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    fused = "double_blocks_{}_txt_attn_qkv" if kind == "flux" else "joint_blocks_{}_context_block_attn_qkv"
+    assert keys == {f"lora_unet_{fused.format(i)}.{leaf}" for i in range(2)
+                    for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "sd3"}[kind]
+    via_kohya = load_pipeline(mmdit_dirs[kind])
     if kind == "flux":  # the fused txt_attn.qkv layout, read back by diffusers' own kohya-FLUX converter
-        with safe_open(str(kohya[0]), "pt") as f:
-            keys, meta = set(f.keys()), f.metadata()
-        assert keys == {f"lora_unet_double_blocks_{i}_txt_attn_qkv.{leaf}" for i in range(2)
-                        for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
-        assert meta["ss_base_model_version"] == "flux1"
-        via_kohya = load_pipeline(mmdit_dirs[kind])
-        via_kohya.load_lora_weights(str(kohya[0].parent), weight_name=kohya[0].name)
-        torch.testing.assert_close(_probe(via_kohya), trained, rtol=1e-5, atol=1e-6)
-    else:
-        assert kohya == []  # SD3: diffusers' layout only (no SD3 kohya loader to check a file against)
+        via_kohya.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    else:  # diffusers has no SD3 kohya reader: apply it as ComfyUI does, `lora_unet_<original name with _>`
+        # onto the original (Stability) fused weight, scaled by alpha / rank, then back to diffusers' names
+        original = mmdit_entries(via_kohya.transformer)
+        names = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in original}
+        lora = load_file(str(kohya))
+        for module in {k.split(".")[0] for k in lora}:
+            down, up = lora[f"{module}.lora_down.weight"], lora[f"{module}.lora_up.weight"]
+            weight = original[names[module]]
+            original[names[module]] = weight + (lora[f"{module}.alpha"] / down.shape[0]) * (up @ down)
+        via_kohya.transformer.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(original))
+    torch.testing.assert_close(_probe(via_kohya), trained, rtol=1e-5, atol=1e-6)
 
     exported = load_pipeline(str(tmp_path / "run" / "pipeline"))
     assert type(exported) is type(result.pipeline)

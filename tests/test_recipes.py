@@ -101,7 +101,9 @@ def test_unknown_key_fails(tmp_path):
 
 
 PUBLISHED_IDS = {"stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", "unet"),
-                 "stabilityai/stable-diffusion-3.5-medium": ("sd35-medium", "sd3")}
+                 "stabilityai/stable-diffusion-3.5-medium": ("sd35-medium", "sd3"),
+                 "stabilityai/stable-diffusion-3.5-large": ("sd35-large", "sd3"),
+                 "black-forest-labs/FLUX.1-dev": ("flux-dev", "flux")}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "24gb").glob("*.yaml")), ids=_rel)
@@ -121,6 +123,7 @@ def test_24gb_recipe_states_its_plan_and_fits(path, tmp_path):
                             mixed_precision=config.mixed_precision,
                             gradient_checkpointing=config.gradient_checkpointing,
                             use_8bit_adam=config.use_8bit_adam,
-                            anchor_batch_size=config.anchor_batch_size or PAPER_COMMON["anchor_batch_size"])
+                            anchor_batch_size=config.anchor_batch_size or PAPER_COMMON["anchor_batch_size"],
+                            offload_text_encoders=config.offload_text_encoders, fp8_base=config.fp8_base)
     plan = plan_memory(config_folder(name, tmp_path / name), settings, family)
     assert plan.peak / GB == pytest.approx(stated, abs=0.06) and stated <= 22

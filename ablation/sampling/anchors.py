@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ablation import placement
 from ablation.architectures import training_adapter
 from ablation.config import PRECISIONS
 
@@ -97,7 +98,8 @@ def recording_states(scheduler, trajectory: list | None) -> Iterator[None]:
 
 @torch.no_grad()
 def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_size: int,
-                     disable_progress: bool = False, seeds: list[int] | None = None) -> dict[str, list]:
+                     disable_progress: bool = False, seeds: list[int] | None = None,
+                     offload_text_encoders: bool = False) -> dict[str, list]:
     """Sample anchor latents for the given image indices (image k: prompt k mod P, seed `seed + k`).
 
     Args:
@@ -107,6 +109,8 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
         batch_size: images per pipeline call.
         disable_progress: hide the progress bar.
         seeds: seed of each index instead of `seed + k` (replacements of filtered anchors).
+        offload_text_encoders: the text encoders are in CPU memory (`ablation.placement`): every batch's prompts
+            are encoded first, in one visit of theirs, then the denoiser samples (the same latents, bit for bit).
 
     Returns:
         Columns `index`, `prompt`, `prompt_index`, `seed`, `latents` (float32 arrays, the UNet's latent space);
@@ -124,11 +128,21 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
     columns: dict[str, list] = {"index": [], "prompt": [], "prompt_index": [], "seed": [], "latents": []}
     if settings.trajectory:
         columns.update(trajectory=[], trajectory_t=[])
+    starts = range(0, len(indices), batch_size)
+    batch_prompts = [[settings.prompts[k % num_prompts] for k in indices[i:i + batch_size]] for i in starts]
+    conditionings: list = [None] * len(batch_prompts)
+    if offload_text_encoders:  # batch by batch as the pipeline would encode them: the same tensors
+        device = pipe.device  # before the denoiser leaves it
+        with placement.encoding(pipe, device, True):
+            conditionings = [{k: v.cpu() for k, v in adapter.sampling_conditioning(
+                pipe, prompts, guidance=settings.guidance, device=device,
+                negative_prompt=settings.negative_prompt).items()} for prompts in batch_prompts]
     try:
-        starts = range(0, len(indices), batch_size)
-        for i in tqdm(starts, desc="anchor images", disable=disable_progress):
+        for i, prompts, conditioning in tqdm(zip(starts, batch_prompts, conditionings, strict=True),
+                                             total=len(starts), desc="anchor images", disable=disable_progress):
             batch, batch_seeds = indices[i:i + batch_size], seeds[i:i + batch_size]
-            prompts = [settings.prompts[k % num_prompts] for k in batch]
+            if conditioning is not None:
+                conditioning = {k: v.to(pipe.device) for k, v in conditioning.items()}
             # CPU generators: the same anchors on every device.
             generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
             # The pipeline samples (`output_type="latent"`); FLUX's packed latents come back as [B, C, H, W].
@@ -136,7 +150,8 @@ def generate_latents(pipe, settings: SamplerSettings, indices: list[int], batch_
             with recording_states(pipe.scheduler, states):
                 latents = adapter.sample_latents(pipe, prompts, steps=settings.steps, guidance=settings.guidance,
                                                  resolution=settings.resolution, generators=generators,
-                                                 negative_prompt=settings.negative_prompt).numpy()
+                                                 negative_prompt=settings.negative_prompt,
+                                                 conditioning=conditioning).numpy()
             if states is not None:  # [(latents [B, C, H, W], t)] per step -> per image [S, C, H, W]
                 columns["trajectory"] += list(torch.stack([z for z, _ in states], 1).numpy())
                 columns["trajectory_t"] += [[t for _, t in states]] * len(batch)
