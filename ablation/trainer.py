@@ -22,6 +22,7 @@ from ablation.concepts import common_words
 from ablation.config import EXPORT_KINDS, PRECISIONS, ConfigError, TrainConfig, learning_rate
 from ablation.delta import base_weights_fingerprint
 from ablation.io import atomic_write_text
+from ablation.memory import FLOAT8
 from ablation.merge import base_name
 from ablation.model_card import write_model_card
 from ablation.models import store_in_fp8, torch_dtype
@@ -134,9 +135,6 @@ def _make_optimizer(cfg: TrainConfig, params, lr: float):
             raise ConfigError(f"--use-8bit-adam needs a working bitsandbytes (pip install bitsandbytes): {e}") from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _cast_frozen(modules, dtype) -> None:
