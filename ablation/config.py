@@ -217,7 +217,8 @@ class TrainConfig:
         "waits in CPU memory, so anchor sampling holds the denoiser without them (SD3.5-large, FLUX on 24 GB); "
         "costs two moves of the denoiser per sampled anchor set and for the training prompts", default=False)
     fp8_base: bool = _help(
-        "store the frozen denoiser weights in float8 (e4m3) and upcast each layer to the training dtype as it runs "
+        "SD3 / FLUX: store the frozen transformer weights in float8 (e4m3), each layer upcast to the training dtype "
+        "as it runs "
         "(diffusers' layerwise casting; norms, embeddings and the trained group stay as they are): FLUX.1-dev's "
         "frozen transformer 22.2 -> 14.4 GB, at fp8's rounding of the base (the teacher and the anchors too); pays "
         "in training only with --gradient-checkpointing (without it autograd keeps each layer's upcast copy); one "

@@ -402,7 +402,8 @@ def fitting_flags(model_path, settings: PlanSettings, family: str, limit_gb: flo
     for option in FITTING_OPTIONS:
         changed = {k: v for k, v in option.items() if getattr(settings, k) != v}
         if not changed or (settings.params == "embedding" and "lora_rank" in changed) or (
-                settings.keeps_text_encoders and "offload_text_encoders" in changed):
+                settings.keeps_text_encoders and "offload_text_encoders" in changed) or (
+                family == "unet" and "fp8_base" in changed):
             continue
         plan = plan_memory(model_path, dataclasses.replace(settings, **changed), family, vae_factor)
         if plan.peak <= limit_gb * GB:

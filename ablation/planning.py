@@ -199,6 +199,9 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
         name = "FLUX" if family.startswith("flux") else family
         raise ConfigError(f"--export single-file has no {name} layout (SD 1.x/2.x/XL and SD3 only); "
                           f"use --export lora or pipeline")
+    if config.fp8_base and family == "unet":
+        raise ConfigError("--fp8-base is for SD3 / FLUX transformers: a UNet needs no float8 storage for 24 GB (SDXL "
+                          "plans 6.8 GB), and its cast convolutions fail to recompute under gradient checkpointing")
     if family == "unet" and unet_config.get("in_channels", 4) != 4:
         raise ConfigError(f"model {config.model!r} has a {unet_config['in_channels']}-channel UNet (inpainting or "
                           f"upscaling); ablate a text-to-image model and apply the delta to it")

@@ -24,6 +24,7 @@ from ablation.params import group_parameter_names
 from ablation.placement import TEXT_ENCODERS
 from ablation.sampling.anchors import SamplerSettings, generate_latents
 from ablation.testing import tiny_mmdit_pipeline, tiny_pipeline
+from ablation.train_cli import main
 from ablation.trainer import train
 
 
@@ -108,12 +109,19 @@ def test_fp8_offloaded_lora_run_trains_and_reapplies_on_the_checkpoint(kind, tmp
     assert (after - before).abs().max() > 1e-4
 
 
-def test_refusals(tmp_path):
+def test_refusals(model_dir, tmp_path, capsys):
     base = dict(model="toy", target=["Grumpy Cat"], anchor=["Cat"])
     with pytest.raises(ConfigError, match="--offload-text-encoders"):
         build_config(None, {**base, "params": "embedding", "offload_text_encoders": True})
     with pytest.raises(ConfigError, match="ablate export --run"):
         build_config(None, {**base, "fp8_base": True, "export": ["pipeline"]})
+    # a UNet: one line, exit 2, nothing written
+    argv = ["--model", model_dir, "--target", "Grumpy Cat", "--anchor", "Cat", "--fp8-base", "--mixed-precision",
+            "bf16", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fp8-base is for SD3 / FLUX") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
