@@ -577,7 +577,8 @@ def learning_rate(config: TrainConfig, num_processes: int) -> float:
 
 
 def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str], prior_preservation: bool,
-                     native_resolution: int, vae_scale_factor: int, family: str = "unet") -> TrainConfig:
+                     native_resolution: int, vae_scale_factor: int, family: str = "unet",
+                     concept_priors: list[bool] | None = None) -> TrainConfig:
     """Fill every `None` default, and check what needs the model's config.
 
     Args:
@@ -589,6 +590,8 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         vae_scale_factor: pixels per latent cell (SD3/FLUX: per transformer token side, which the resolution
             must divide into).
         family: `unet` (SD1/SD2/SDXL, the toy model), or `sd3`, `flux`, `flux-schnell` (`MMDIT_DEFAULTS`).
+        concept_priors: `needs_prior_preservation` of each concept (default: `prior_preservation` for all); with
+            several concepts the toy rules below look at every concept, not only the first (`concept_settings`).
 
     Returns:
         A new TrainConfig without `None` in the hyperparameters.
@@ -620,11 +623,13 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
         # The anchor prompts do not contain the trained token rows, so the prior term would have no gradient.
         defaults["prior_preservation"] = False
     prior = defaults["prior_preservation"] if config.prior_preservation is None else config.prior_preservation
+    priors = _concept_priors(config, prior, concept_priors or [prior] * len(concept_types))
     kv = (config.params or defaults["params"]) == "cross-attn"
     if toy and "preserve_uncond" not in defaults:  # the K/V group only: memorization / nudity were tuned without it
-        defaults["preserve_uncond"] = TOY_PRESERVE_UNCOND if prior and kv else 0.0
-    if (toy and family not in MMDIT_DEFAULTS and kv and not prior and not config.robust
-            and config.variant == "model-based" and concept_types[0] in ("instance", "style")):
+        # a run mixing concepts with and without their prior term: off (it stops the ablation of those without)
+        defaults["preserve_uncond"] = TOY_PRESERVE_UNCOND if all(priors) and kv else 0.0
+    if (toy and family not in MMDIT_DEFAULTS and kv and not config.robust and config.variant == "model-based"
+            and any(_wants_target_images(t, p) for t, p in zip(concept_types, priors, strict=True))):
         defaults["target_images"] = TOY_TARGET_IMAGES
     defaults["robust_radius"] = 0.1 if config.robust_adversary == "ball" else 1.0
     updates = {k: v for k, v in defaults.items() if getattr(config, k) is None}
@@ -647,6 +652,45 @@ def resolve_defaults(config: TrainConfig, *, toy: bool, concept_types: list[str]
     return resolved
 
 
+def _concept_priors(config: TrainConfig, prior: bool, concept_priors: list[bool]) -> list[bool]:
+    """Whether each concept gets the prior term: an explicit --(no-)prior-preservation for every concept, by default
+    only the concepts whose anchor is at risk (`concepts.needs_prior_preservation`)."""
+    if config.prior_preservation is not None or not prior:
+        return [prior] * len(concept_priors)
+    return list(concept_priors)
+
+
+def _wants_target_images(concept_type: str, prior: bool) -> bool:
+    """The toy rule of `TOY_TARGET_IMAGES`: an instance or style trained without a prior term."""
+    return concept_type in ("instance", "style") and not prior
+
+
+def concept_settings(config: TrainConfig, resolved: TrainConfig, *, concept_types: list[str],
+                     concept_priors: list[bool]) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    """The prior term and the number of the target's own images of each concept of a run.
+
+    An explicit `--prior-preservation` / `--target-images` applies to every concept; by default each concept gets its
+    own: the prior term where its anchor is at risk, and (where the toy rule set `--target-images`) the target's
+    images only for instances and styles without a prior term. In a one-concept run this is the run's setting.
+
+    Args:
+        config: the user's configuration (`None` = defaulted).
+        resolved: the same after `resolve_defaults`.
+        concept_types: resolved type of each concept.
+        concept_priors: `concepts.needs_prior_preservation` of each concept.
+
+    Returns:
+        (prior term per concept, target images per concept).
+    """
+    priors = _concept_priors(config, resolved.prior_preservation, concept_priors)
+    if config.target_images is None and resolved.target_images:
+        counts = [resolved.target_images if _wants_target_images(t, p) else 0
+                  for t, p in zip(concept_types, priors, strict=True)]
+    else:
+        counts = [resolved.target_images] * len(concept_types)
+    return tuple(priors), tuple(counts)
+
+
 #: fields that do not change the trained weights (excluded from the resume hash)
 NON_TRAINING_FIELDS = frozenset({
     "output_dir", "overwrite", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
@@ -655,7 +699,13 @@ NON_TRAINING_FIELDS = frozenset({
 })
 
 
-def training_hash(config: TrainConfig) -> str:
-    """Hash of the training-relevant configuration (checkpoints store it; resuming checks it)."""
+def training_hash(config: TrainConfig, per_concept: dict[str, Any] | None = None) -> str:
+    """Hash of the training-relevant configuration (checkpoints store it; resuming checks it).
+
+    `per_concept`: settings that differ between the concepts of a run (`concept_settings`), hashed too; a run whose
+    concepts share every setting hashes as its configuration alone.
+    """
     data = {k: v for k, v in config.to_dict().items() if k not in NON_TRAINING_FIELDS}
+    if per_concept:
+        data["per_concept"] = per_concept
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

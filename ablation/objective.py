@@ -117,7 +117,11 @@ class Objective:
     def _draw_latents(self, bsz: int, g: torch.Generator, pool: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices (from `pool`, default every latent), (flipped) latents and which rows were flipped."""
-        if pool is None:
+        spans = self.data.concept_spans
+        if pool is None and spans is not None:  # several concepts: each as likely, whatever its latent count
+            which = spans[torch.randint(0, len(spans), (bsz,), generator=g)]
+            idx = which[:, 0] + (torch.rand(bsz, generator=g, dtype=torch.float64) * which[:, 1]).long()
+        elif pool is None:
             idx = torch.randint(0, len(self.data.latents), (bsz,), generator=g)
         else:
             idx = pool[torch.randint(0, len(pool), (bsz,), generator=g)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ablation.concepts import Concept, needs_prior_preservation, resolve_concepts
-from ablation.config import ConfigError, TrainConfig, resolve_defaults, training_hash
+from ablation.config import ConfigError, TrainConfig, concept_settings, resolve_defaults, training_hash
 from ablation.resume import list_checkpoints, read_checkpoint_state
 
 
@@ -31,6 +31,17 @@ class RunPlan:
     resume_dir: Path | None
     config_hash: str
     family: str = "unet"
+    #: per concept (`config.concept_settings`): the prior term on its anchor images, and its target images
+    concept_priors: tuple[bool, ...] = ()
+    concept_target_images: tuple[int, ...] = ()
+
+    def prior_of(self, i: int) -> bool:
+        """Whether concept `i` gets the prior term."""
+        return self.concept_priors[i] if self.concept_priors else bool(self.config.prior_preservation)
+
+    def target_images_of(self, i: int) -> int:
+        """How many of the target's own images concept `i` trains on."""
+        return self.concept_target_images[i] if self.concept_target_images else self.config.target_images
 
 
 def _read_model_configs(model_path: str) -> tuple[dict, dict]:
@@ -210,10 +221,11 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
     from ablation.architectures import check_family_options, native_geometry
 
     native, multiple = native_geometry(family, unet_config, vae_factor)  # UNet: (sample_size x factor, factor)
+    types, needs_prior = [c.concept_type for c in concepts], [needs_prior_preservation(c) for c in concepts]
     resolved = resolve_defaults(
-        config, toy=toy, concept_types=[c.concept_type for c in concepts],
-        prior_preservation=any(needs_prior_preservation(c) for c in concepts),
-        native_resolution=native, vae_scale_factor=multiple, family=family)
+        config, toy=toy, concept_types=types, prior_preservation=any(needs_prior),
+        native_resolution=native, vae_scale_factor=multiple, family=family, concept_priors=needs_prior)
+    priors, target_images = concept_settings(config, resolved, concept_types=types, concept_priors=needs_prior)
     check_family_options(resolved, family, clip_only=clip_only)
     encodes = resolved.robust and resolved.robust_adversary in ("prefix", "shifted")
     if encodes and unet_config.get("addition_embed_type"):
@@ -235,7 +247,9 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
     out = Path(resolved.output_dir or Path("outputs") / slug("-".join(c.target for c in concepts))).expanduser()
     resolved.output_dir = str(out)
     _check_output_dir(out)
-    config_hash = training_hash(resolved)
+    mixed = {name: list(v) for name, v in (("prior_preservation", priors), ("target_images", target_images))
+             if len(set(v)) > 1}
+    config_hash = training_hash(resolved, mixed)
     resume_dir = None
     if resolved.resume_from_checkpoint:
         if resolved.resume_from_checkpoint == "latest":
@@ -261,7 +275,7 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
     if _has_results(out) and not resolved.overwrite and resume_dir is None and not resolved.plan:
         raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite to replace its results "
                           f"or --resume-from-checkpoint latest to continue")
-    return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash, family)
+    return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash, family, priors, target_images)
 
 
 

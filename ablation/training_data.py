@@ -36,7 +36,10 @@ class TrainingData:
     blank: torch.Tensor | None = None  # latent of the augmentation's grey canvas
     trajectory: torch.Tensor | None = None  # [N, S, C, H, W] sampler states of each latent (--anchor-trajectory)
     trajectory_t: torch.Tensor | None = None  # [N, S] their timesteps
-    prior_pool: torch.Tensor | None = None  # indices of the anchor images (`--target-images`: not the target's)
+    prior_pool: torch.Tensor | None = None  # indices of the prior term's anchor images (None: every latent)
+    #: [concepts, 2] first latent and latent count of each concept, several concepts only: the ablation batch draws
+    #: a concept uniformly, then one of its latents, so a concept with target images does not outweigh the others
+    concept_spans: torch.Tensor | None = None
 
 
 def copy_filter(plan: RunPlan, concept, device):
@@ -107,11 +110,13 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
                                                  offload_text_encoders=cfg.offload_text_encoders)
             generated += cfg.num_anchor_images if anchors.generated else 0
         start = sum(len(x) for x in latents)
-        pool.append(torch.arange(start, start + len(anchors.latents)))
-        if cfg.target_images:  # model-based only (TrainConfig.check): the anchors were generated with `settings`
-            target = target_image_latents(pipe, settings, concept, cfg.target_images, cfg.cache_dir,
+        if plan.prior_of(i):
+            pool.append(torch.arange(start, start + len(anchors.latents)))
+        count = plan.target_images_of(i)
+        if count:  # model-based only (TrainConfig.check): the anchors were generated with `settings`
+            target = target_image_latents(pipe, settings, concept, count, cfg.cache_dir,
                                           cfg.anchor_batch_size, accelerator.autocast, cfg.offload_text_encoders)
-            generated += cfg.target_images if target.generated else 0
+            generated += count if target.generated else 0
             anchors = _joined(anchors, target)
         offset = len(prompts)
         variants = concept.variants()  # [anchor prompt][template]
@@ -129,8 +134,12 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
         most = max(widths)
         target_rows = [torch.cat([r, r[:, :1].expand(-1, most - r.shape[1])], 1) for r in target_rows]
     training = TrainingData(torch.cat(latents), torch.cat(anchor_rows), torch.cat(target_rows), prompts)
-    if cfg.target_images:  # the prior term holds the anchor on anchor images, not on the target's
+    # the prior term holds the anchor on anchor images (not on the target's), of the concepts that have it
+    if cfg.prior_preservation and sum(len(p) for p in pool) < len(training.latents):
         training.prior_pool = torch.cat(pool)
+    if len(latents) > 1:
+        sizes = torch.tensor([len(x) for x in latents])
+        training.concept_spans = torch.stack([sizes.cumsum(0) - sizes, sizes], 1)
     if cfg.anchor_trajectory:
         training.trajectory, training.trajectory_t = torch.cat(states), torch.cat(state_t)
     if cfg.augment:

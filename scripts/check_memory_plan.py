@@ -4,7 +4,8 @@ For each model and configuration (dense cross-attn K/V, LoRA rank 16) the script
 (2 anchors, 1 step, the given resolution) in a fresh process and reads that process's peak memory, then puts it
 beside the plan of the same run. On the CPU the plan counts everything in the one memory (nothing is offloaded)
 and the measurement is the process's peak RSS (`VmHWM`, restarted once the weights are loaded: the loader's
-mapped checkpoint pages are not the run's) less its RSS after the imports (interpreter, torch, diffusers).
+mapped checkpoint pages are not the run's) up to the end of training, less its RSS after the imports (interpreter,
+torch, diffusers); the peak including the delta's save (host memory: LoRA merges read base tensors back) apart.
 On CUDA it is `torch.cuda.max_memory_allocated`. One JSON line per run, with the ratio.
 
     python scripts/check_memory_plan.py --models sd15 --resolution 128              # CPU, about 3 minutes
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 _CHILD = textwrap.dedent("""
-    import gc, json, sys
+    import ctypes, gc, json, sys
     def rss_kb(field):
         return int(dict(l.split(":", 1) for l in open("/proc/self/status"))[field].split()[0])
     import torch, diffusers, transformers, accelerate  # the imports' memory is not the run's
@@ -42,14 +43,30 @@ _CHILD = textwrap.dedent("""
         # and an accelerator never holds; the peak restarts (clear_refs 5) once the weights are in memory
         pipe = load(*args, **kwargs)
         gc.collect()
+        # glibc keeps the heap pages the loader freed (fp32 tensors of a checkpoint cast to bf16 on the way in) and
+        # RSS counts them until it is asked to give them back; a GPU allocator's peak would not see them either
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        loaded_kb.append(rss_kb("VmRSS"))
         return pipe
+    loaded_kb, trained_kb = [], []
     ablation.models.load_pipeline = loaded
+    import ablation.trainer
+    mark = ablation.trainer._Phases.mark
+    def marked(self, name):
+        # the plan covers the run up to its last training step; writing the delta (base tensors read back from the
+        # files, merged on the host) is reported apart, as host memory
+        if name == "train":
+            trained_kb.append(rss_kb("VmHWM"))
+        return mark(self, name)
+    ablation.trainer._Phases.mark = marked
     before = rss_kb("VmRSS")
     code = main(sys.argv[1:])
     peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    print(json.dumps({"code": code, "rss_after_imports_kb": before, "peak_rss_kb": rss_kb("VmHWM"),
+    print(json.dumps({"code": code, "rss_after_imports_kb": before, "rss_after_load_kb": loaded_kb[:1],
+                      "peak_rss_kb": trained_kb[0] if trained_kb else rss_kb("VmHWM"),
+                      "peak_rss_with_save_kb": rss_kb("VmHWM"),
                       "peak_cuda_bytes": peak_cuda}))
 """)
 
@@ -126,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                     measured = (got["peak_cuda_bytes"] if device == "cuda"
                                 else 1024 * (got["peak_rss_kb"] - got["rss_after_imports_kb"]))
                     row.update(measured_gb=round(measured / GB, 3), plan_over_measured=round(plan.peak / measured, 3))
+                    if device == "cpu" and got["rss_after_load_kb"]:  # the weights as loaded; the save's peak
+                        row["loaded_gb"] = round(1024 * (got["rss_after_load_kb"][0] - got["rss_after_imports_kb"])
+                                                 / GB, 3)
+                        row["with_save_gb"] = round(1024 * (got["peak_rss_with_save_kb"] - got["rss_after_imports_kb"])
+                                                    / GB, 3)
             print(json.dumps(row), flush=True)
     return 0
 

@@ -21,6 +21,7 @@ from ablation.config import (
     ConfigError,
     TrainConfig,
     build_config,
+    concept_settings,
     resolve_defaults,
     training_hash,
 )
@@ -168,6 +169,27 @@ def test_defaults_table_toy_versus_paper():
                             **common).learning_rate == 1.0
     with pytest.raises(ConfigError, match="not divisible by the VAE factor 8"):
         resolve_defaults(TrainConfig(target=["A"], anchor=["B"], resolution=500), toy=False, **common)
+
+
+def test_several_toy_concepts_get_each_their_own_defaults():
+    """A toy run of grumpy cat (prior term), nemo and van gogh (none): the target images only for the two without a
+    prior term, and no uncond penalty (it stops nemo); alone, grumpy cat keeps its penalty and no target images."""
+    config = TrainConfig(target=["Grumpy Cat", "Nemo", "Van Gogh"], anchor=["Cat", "Fish", "Painting"])
+    kinds = dict(concept_types=["instance", "instance", "style"], concept_priors=[True, False, False])
+    mixed = resolve_defaults(config, toy=True, prior_preservation=True, native_resolution=64, vae_scale_factor=8,
+                             **kinds)
+    assert (mixed.prior_preservation, mixed.preserve_uncond, mixed.target_images) == (True, 0.0, 96)
+    assert concept_settings(config, mixed, **kinds) == ((True, False, False), (0, 96, 96))
+    alone = TrainConfig(target=["Grumpy Cat"], anchor=["Cat"])
+    one = dict(concept_types=["instance"], concept_priors=[True])
+    resolved = resolve_defaults(alone, toy=True, prior_preservation=True, native_resolution=64, vae_scale_factor=8,
+                                **one)
+    assert (resolved.preserve_uncond, resolved.target_images) == (1000.0, 0)
+    assert concept_settings(alone, resolved, **one) == ((True,), (0,))
+    forced = dataclasses.replace(config, prior_preservation=True)
+    resolved = resolve_defaults(forced, toy=True, prior_preservation=True, native_resolution=64, vae_scale_factor=8,
+                                **kinds)
+    assert concept_settings(forced, resolved, **kinds) == ((True,) * 3, (0,) * 3)  # explicit: every concept
 
 
 def test_training_hash_ignores_output_options_only():

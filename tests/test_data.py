@@ -485,3 +485,38 @@ def test_target_images_join_the_anchors_paired_with_their_anchor_prompts(model_d
         assert training.prompts[int(training.anchor_rows[i])] == concept.anchor_prompts[k]
         assert training.prompts[int(training.target_rows[i, 0])] == targets[k]
         assert "grumpy cat" in targets[k] and "grumpy" not in concept.anchor_prompts[k]
+
+
+def test_several_concepts_get_their_own_prior_term_and_an_equal_share_of_the_batch(model_dir, tmp_path):
+    """Grumpy cat (its target names its anchor: prior term) with nemo (none) and 2 nemo target images: the prior term
+    draws only grumpy cat's anchors, the target images are nemo's, and the ablation batch takes each concept about
+    equally often although nemo has more latents."""
+    from accelerate import Accelerator
+
+    from ablation.config import build_config
+    from ablation.models import load_pipeline
+    from ablation.objective import Objective
+    from ablation.planning import plan_run
+    from ablation.training_data import prepare_data
+
+    values = dict(model=model_dir, target=["grumpy cat", "nemo"], anchor=["cat", "fish"],
+                  output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), num_anchor_images=3,
+                  anchor_steps=2)
+    plan = plan_run(build_config(None, values))
+    assert plan.concept_priors == (True, False) and plan.config.prior_preservation is True
+    pipe = load_pipeline(model_dir)
+    training, _ = prepare_data(plan, pipe, Accelerator(cpu=True))
+    assert training.prior_pool.tolist() == [0, 1, 2]  # grumpy cat's anchors only
+    assert training.concept_spans.tolist() == [[0, 3], [3, 3]]
+    forced = plan_run(build_config(None, {**values, "prior_preservation": True, "output_dir": str(tmp_path / "b")}))
+    assert forced.concept_priors == (True, True) and forced.config_hash != plan.config_hash  # explicit: every concept
+    many = plan_run(build_config(None, {**values, "target": ["grumpy cat", "nemo"], "target_images": 9,
+                                        "output_dir": str(tmp_path / "c")}))
+    assert many.concept_target_images == (9, 9)  # an explicit count: every concept
+    training.latents = torch.cat([training.latents, training.latents[3:].repeat(3, 1, 1, 1)])  # nemo: 12 latents
+    training.concept_spans = torch.tensor([[0, 3], [3, 12]])
+    objective = Objective.__new__(Objective)  # only the draw: no model needed
+    objective.cfg, objective.data = plan.config, training
+    idx = torch.cat([objective._draw_latents(64, torch.Generator().manual_seed(s))[0] for s in range(8)])
+    share = float((idx < 3).float().mean())
+    assert 0.4 < share < 0.6 and int(idx.max()) < 15  # uniform over latents would give grumpy cat 0.2
