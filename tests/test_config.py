@@ -152,6 +152,9 @@ def test_defaults_table_toy_versus_paper():
     assert (style.params, style.learning_rate, style.max_steps, style.hflip) == (
         "cross-attn", TOY_STYLE_LR, TOY_STYLE_STEPS, True)
     assert (toy.preserve_uncond, style.preserve_uncond, paper.preserve_uncond) == (1000.0, 0.0, 0.0)
+    # one concept without a prior term: its target images and the control-prompt penalty (TOY_PRESERVE_WEIGHT)
+    assert (style.target_images, style.preserve_weight, toy.preserve_weight, paper.preserve_weight) == (96, 3.0, 0.0,
+                                                                                                       0.0)
     rows = resolve_defaults(TrainConfig(target=["A"], anchor=["B"], params="embedding"), toy=True, **common)
     # the token rows: their own rate and steps, and no prior term (it has no gradient there)
     assert (rows.learning_rate, rows.max_steps, rows.prior_preservation) == (2e-2, 40, False)
@@ -178,7 +181,8 @@ def test_several_toy_concepts_get_each_their_own_defaults():
     kinds = dict(concept_types=["instance", "instance", "style"], concept_priors=[True, False, False])
     mixed = resolve_defaults(config, toy=True, prior_preservation=True, native_resolution=64, vae_scale_factor=8,
                              **kinds)
-    assert (mixed.prior_preservation, mixed.preserve_uncond, mixed.target_images) == (True, 0.0, 96)
+    assert (mixed.prior_preservation, mixed.preserve_uncond, mixed.target_images, mixed.preserve_weight) == (
+        True, 0.0, 96, 0.0)  # the control penalty is for one concept only
     assert concept_settings(config, mixed, **kinds) == ((True, False, False), (0, 96, 96))
     alone = TrainConfig(target=["Grumpy Cat"], anchor=["Cat"])
     one = dict(concept_types=["instance"], concept_priors=[True])
