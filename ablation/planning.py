@@ -30,18 +30,10 @@ class RunPlan:
     output_dir: Path
     resume_dir: Path | None
     config_hash: str
-    family: str = "unet"
     #: per concept (`config.concept_settings`): the prior term on its anchor images, and its target images
-    concept_priors: tuple[bool, ...] = ()
-    concept_target_images: tuple[int, ...] = ()
-
-    def prior_of(self, i: int) -> bool:
-        """Whether concept `i` gets the prior term."""
-        return self.concept_priors[i] if self.concept_priors else bool(self.config.prior_preservation)
-
-    def target_images_of(self, i: int) -> int:
-        """How many of the target's own images concept `i` trains on."""
-        return self.concept_target_images[i] if self.concept_target_images else self.config.target_images
+    concept_priors: tuple[bool, ...]
+    concept_target_images: tuple[int, ...]
+    family: str = "unet"
 
 
 def _read_model_configs(model_path: str) -> tuple[dict, dict]:
@@ -275,7 +267,7 @@ def plan_run(config: TrainConfig, pipe=None, num_processes: int | None = None) -
     if _has_results(out) and not resolved.overwrite and resume_dir is None and not resolved.plan:
         raise ConfigError(f"output directory {str(out)!r} is not empty; pass --overwrite to replace its results "
                           f"or --resume-from-checkpoint latest to continue")
-    return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash, family, priors, target_images)
+    return RunPlan(resolved, concepts, model_path, toy, out, resume_dir, config_hash, priors, target_images, family)
 
 
 

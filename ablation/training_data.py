@@ -110,9 +110,9 @@ def prepare_data(plan: RunPlan, pipe, accelerator) -> tuple[TrainingData, int]:
                                                  offload_text_encoders=cfg.offload_text_encoders)
             generated += cfg.num_anchor_images if anchors.generated else 0
         start = sum(len(x) for x in latents)
-        if plan.prior_of(i):
+        if plan.concept_priors[i]:
             pool.append(torch.arange(start, start + len(anchors.latents)))
-        count = plan.target_images_of(i)
+        count = plan.concept_target_images[i]
         if count:  # model-based only (TrainConfig.check): the anchors were generated with `settings`
             target = target_image_latents(pipe, settings, concept, count, cfg.cache_dir,
                                           cfg.anchor_batch_size, accelerator.autocast, cfg.offload_text_encoders)

@@ -488,9 +488,9 @@ def test_target_images_join_the_anchors_paired_with_their_anchor_prompts(model_d
 
 
 def test_several_concepts_get_their_own_prior_term_and_an_equal_share_of_the_batch(model_dir, tmp_path):
-    """Grumpy cat (its target names its anchor: prior term) with nemo (none) and 2 nemo target images: the prior term
-    draws only grumpy cat's anchors, the target images are nemo's, and the ablation batch takes each concept about
-    equally often although nemo has more latents."""
+    """Grumpy cat (its target names its anchor: prior term) with nemo (none): the prior term draws only grumpy cat's
+    anchors, explicit options apply to every concept, and the ablation batch takes each concept about equally often
+    although nemo has more latents."""
     from accelerate import Accelerator
 
     from ablation.config import build_config
@@ -510,8 +510,7 @@ def test_several_concepts_get_their_own_prior_term_and_an_equal_share_of_the_bat
     assert training.concept_spans.tolist() == [[0, 3], [3, 3]]
     forced = plan_run(build_config(None, {**values, "prior_preservation": True, "output_dir": str(tmp_path / "b")}))
     assert forced.concept_priors == (True, True) and forced.config_hash != plan.config_hash  # explicit: every concept
-    many = plan_run(build_config(None, {**values, "target": ["grumpy cat", "nemo"], "target_images": 9,
-                                        "output_dir": str(tmp_path / "c")}))
+    many = plan_run(build_config(None, {**values, "target_images": 9, "output_dir": str(tmp_path / "c")}))
     assert many.concept_target_images == (9, 9)  # an explicit count: every concept
     training.latents = torch.cat([training.latents, training.latents[3:].repeat(3, 1, 1, 1)])  # nemo: 12 latents
     training.concept_spans = torch.tensor([[0, 3], [3, 12]])
